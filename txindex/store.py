@@ -1,0 +1,325 @@
+"""The committed state: a multi-version cache of one key prefix, with its secondary indexes.
+
+Only the watcher writes the store (:meth:`Store.load`, :meth:`Store.apply`,
+:meth:`Store.advance`); transactions read it at a pinned revision.
+
+Layout:
+
+* ``_data``: the latest :class:`Entry` of every live key.
+* ``_history``: for keys changed after the oldest pinned snapshot, the entry each change
+  replaced, as an immutable tuple of ``(revision, entry_before)`` (copy on write, so lock-free
+  readers never see a list being mutated).
+* ``_log``: the changes of each applied revision after the oldest pin, in revision order; it
+  serves snapshot index queries and commit-time validation.
+* ``_indexes``: one ``SortedList`` of ``(index_key, primary_key, entry)`` per declared index.
+
+Point reads are lock-free: the applier writes history before data, so a reader that finds a
+newer ``mod_revision`` than its snapshot always finds the older entry in the history.
+Index queries and all writes take one lock, so applying a revision batch is atomic for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sortedcontainers import SortedList
+
+from .errors import DecodeError, UnorderableValue
+from .index import Index
+from .model import ModelInfo
+
+log = logging.getLogger("txindex.store")
+
+IndexItem = tuple[Any, Any, "Entry"]  # (encoded index key, primary key, entry)
+
+
+class Entry:
+    """One version of one key. ``value`` is the decoded object, or a :class:`DecodeError`."""
+
+    __slots__ = ("info", "key", "mod_revision", "pk", "value")
+
+    def __init__(self, key: str, pk: Any, value: Any, mod_revision: int, info: ModelInfo) -> None:
+        self.key = key
+        self.pk = pk
+        self.value = value
+        self.mod_revision = mod_revision
+        self.info = info
+
+    @property
+    def broken(self) -> bool:
+        return isinstance(self.value, DecodeError)
+
+    def __repr__(self) -> str:
+        return f"Entry({self.key!r}, rev={self.mod_revision})"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One key changed at one revision: ``before`` is the replaced entry, ``after`` the new one
+    (``None`` for absent)."""
+
+    key: str
+    before: Entry | None
+    after: Entry | None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    revision: int
+    changes: tuple[Change, ...]
+
+
+def index_keys(index: Index[Any], entry: Entry | None) -> tuple[Any, ...]:
+    """The index keys ``entry`` holds in ``index`` (none for another model, a broken value or
+    a value the index cannot order). O(k log k) for k keys."""
+    if entry is None or entry.info.cls is not index.model or entry.broken:
+        return ()
+    try:
+        return index.entries(entry.value)
+    except (UnorderableValue, Exception) as exc:  # a foreign writer's value: skip, never crash
+        log.warning("%s: %s not indexed: %s", index.qualname, entry.key, exc)
+        return ()
+
+
+class Store:
+    """The multi-version committed state of one database prefix. Thread-safe."""
+
+    def __init__(self, models: Sequence[ModelInfo]) -> None:
+        self.models = tuple(models)
+        self.revision = 0
+        self._data: dict[str, Entry] = {}
+        self._history: dict[str, tuple[tuple[int, Entry | None], ...]] = {}
+        self._log: deque[Batch] = deque()
+        self._pins: dict[int, int] = {}
+        self._indexes: dict[Index[Any], SortedList] = {
+            idx: SortedList() for info in self.models for idx in info.indexes
+        }
+        self.declared = frozenset(self._indexes)
+        self._lock = threading.Lock()
+        self._advanced = threading.Condition(self._lock)
+
+    # ---- pins ----------------------------------------------------------------------------
+
+    def pin(self, min_revision: int = 0, timeout: float | None = None) -> int:
+        """Pin a snapshot at the applied revision, waiting until it reaches ``min_revision``.
+        Returns the revision, or raises ``TimeoutError``. O(1)."""
+        with self._advanced:
+            if self.revision < min_revision and not self._advanced.wait_for(
+                lambda: self.revision >= min_revision, timeout
+            ):
+                raise TimeoutError(f"cache did not reach revision {min_revision}")
+            rev = self.revision
+            self._pins[rev] = self._pins.get(rev, 0) + 1
+            return rev
+
+    def unpin(self, revision: int) -> None:
+        """Release a pin; history no open snapshot needs is reclaimed. Amortised O(changes)."""
+        with self._lock:
+            left = self._pins[revision] - 1
+            if left:
+                self._pins[revision] = left
+            else:
+                del self._pins[revision]
+                self._trim()
+
+    def wait_for(self, revision: int, timeout: float | None) -> bool:
+        """Block until the applied revision reaches ``revision``; False on timeout."""
+        with self._advanced:
+            return self._advanced.wait_for(lambda: self.revision >= revision, timeout)
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def get(self, key: str, revision: int) -> Entry | None:
+        """The entry of ``key`` at a pinned ``revision``. Lock-free, O(1) for keys not changed
+        since the snapshot, O(h) for a key with h newer versions."""
+        entry = self._data.get(key)
+        if entry is not None and entry.mod_revision <= revision:
+            return entry
+        for rev, before in self._history.get(key, ()):
+            if rev > revision:
+                return before
+        return entry
+
+    def entries(self) -> dict[str, Entry]:
+        """A copy of the latest entries (for tests and tools). O(n)."""
+        with self._lock:
+            return dict(self._data)
+
+    def query(
+        self,
+        index: Index[Any],
+        lo: Any,
+        hi: Any,
+        revision: int,
+        *,
+        reverse: bool = False,
+        limit: int | None = None,
+    ) -> list[IndexItem]:
+        """Index items in ``[lo, hi)`` (``None`` = unbounded) as of ``revision``, in order.
+
+        O(log n + m) for m items, plus O(c) for c changes applied after ``revision``.
+        """
+        with self._lock:
+            hidden, shown = self._changes_since(index, revision)
+            need = None if limit is None else limit + len(hidden)
+            items = list(self._slice(self._indexes[index], lo, hi, reverse, need))
+            if not hidden and not shown:
+                return items
+            items = [it for it in items if (it[0], it[1]) not in hidden]
+            items.extend(it for it in shown if _within(it, lo, hi))
+            items.sort(key=_order, reverse=reverse)
+            return items if limit is None else items[:limit]
+
+    def count(self, index: Index[Any], lo: Any, hi: Any, revision: int) -> int:
+        """Number of items in ``[lo, hi)`` as of ``revision``. O(log n) plus O(c) as above."""
+        with self._lock:
+            hidden, shown = self._changes_since(index, revision)
+            sl = self._indexes[index]
+            n = _bisect(sl, hi, len(sl)) - _bisect(sl, lo, 0)
+            n -= sum(1 for h in hidden if _within(h, lo, hi))
+            return n + sum(1 for it in shown if _within(it, lo, hi))
+
+    def changes(self, after: int, upto: int) -> Iterator[Change]:
+        """Changes applied in revisions ``(after, upto]``; ``after`` must be pinned."""
+        with self._lock:
+            batches = [b for b in reversed(self._log) if b.revision > after]
+        for batch in reversed(batches):
+            if batch.revision > upto:
+                break
+            yield from batch.changes
+
+    def index_items(self, index: Index[Any]) -> list[IndexItem]:
+        """Every committed item of ``index`` (for checks and tests). O(n)."""
+        with self._lock:
+            return list(self._indexes[index])
+
+    # ---- writes (watcher only) -----------------------------------------------------------
+
+    def load(self, revision: int, entries: Iterable[Entry]) -> None:
+        """Replace the whole state with ``entries`` at ``revision``; indexes are built in bulk
+        (one sort each). O(n log n). Only for the first load: resyncs use :meth:`apply`."""
+        data = {e.key: e for e in entries}
+        built: dict[Index[Any], list[IndexItem]] = {idx: [] for idx in self._indexes}
+        for entry in data.values():
+            for idx in entry.info.indexes:
+                items = built[idx]
+                for k in index_keys(idx, entry):
+                    items.append((k, entry.pk, entry))
+        indexes = {idx: SortedList(items) for idx, items in built.items()}
+        with self._advanced:
+            self._data, self._indexes = data, indexes
+            self._history.clear()
+            self._log.clear()
+            self.revision = revision
+            self._advanced.notify_all()
+
+    def apply(self, batches: Sequence[tuple[int, Sequence[tuple[str, Entry | None]]]]) -> None:
+        """Apply revision batches atomically: ``(revision, [(key, entry or None)])`` in
+        revision order. Revisions at or below the applied one are ignored.
+        O(c log n) for c changed keys."""
+        with self._advanced:
+            for revision, updates in batches:
+                if revision <= self.revision:
+                    continue
+                changes = [self._apply_one(revision, key, e) for key, e in updates]
+                self._log.append(Batch(revision, tuple(c for c in changes if c is not None)))
+                self.revision = revision
+            self._trim()
+            self._advanced.notify_all()
+
+    def advance(self, revision: int) -> None:
+        """Record that every change up to ``revision`` has been applied (a progress
+        notification). O(1)."""
+        with self._advanced:
+            if revision > self.revision:
+                self.revision = revision
+                self._trim()
+                self._advanced.notify_all()
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _apply_one(self, revision: int, key: str, after: Entry | None) -> Change | None:
+        before = self._data.get(key)
+        if before is None and after is None:
+            return None
+        self._history[key] = (*self._history.get(key, ()), (revision, before))
+        for idx in _indexes_of(before, after):
+            sl = self._indexes[idx]
+            for k in index_keys(idx, before):
+                sl.remove((k, before.pk, before))  # type: ignore[union-attr]
+            for k in index_keys(idx, after):
+                sl.add((k, after.pk, after))  # type: ignore[union-attr]
+        if after is None:
+            del self._data[key]
+        else:
+            self._data[key] = after
+        return Change(key, before, after)
+
+    def _trim(self) -> None:
+        low = min(self._pins) if self._pins else self.revision
+        while self._log and self._log[0].revision <= low:
+            batch = self._log.popleft()
+            for change in batch.changes:
+                kept = tuple(h for h in self._history.get(change.key, ()) if h[0] > low)
+                if kept:
+                    self._history[change.key] = kept
+                else:
+                    self._history.pop(change.key, None)
+
+    def _changes_since(
+        self, index: Index[Any], revision: int
+    ) -> tuple[set[tuple[Any, Any]], list[IndexItem]]:
+        """Items added to ``index`` after ``revision`` (to hide) and items removed after it (to
+        show again), so that the latest index reads as of ``revision``. Caller holds the lock."""
+        if revision >= self.revision:
+            return set(), []
+        first_before: dict[str, Entry | None] = {}
+        for batch in reversed(self._log):
+            if batch.revision <= revision:
+                break
+            for change in batch.changes:
+                first_before[change.key] = change.before
+        hidden: set[tuple[Any, Any]] = set()
+        shown: list[IndexItem] = []
+        for key, then in first_before.items():
+            now = self._data.get(key)
+            then_items = {(k, then.pk): then for k in index_keys(index, then)} if then else {}
+            now_keys = {(k, now.pk) for k in index_keys(index, now)} if now else set()
+            hidden |= now_keys - then_items.keys()
+            shown.extend((k, pk, e) for (k, pk), e in then_items.items() if (k, pk) not in now_keys)
+        return hidden, shown
+
+    def _slice(
+        self, sl: SortedList, lo: Any, hi: Any, reverse: bool, limit: int | None
+    ) -> Iterator[IndexItem]:
+        start, stop = _bisect(sl, lo, 0), _bisect(sl, hi, len(sl))
+        if limit is not None:
+            if reverse:
+                start = max(start, stop - limit)
+            else:
+                stop = min(stop, start + limit)
+        return sl.islice(start, stop, reverse=reverse)  # type: ignore[no-any-return]
+
+
+def _indexes_of(before: Entry | None, after: Entry | None) -> tuple[Index[Any], ...]:
+    if before is not None and after is not None and before.info is not after.info:
+        return before.info.indexes + after.info.indexes
+    return (after or before).info.indexes  # type: ignore[union-attr]
+
+
+def _bisect(sl: SortedList, bound: Any, default: int) -> int:
+    return default if bound is None else sl.bisect_left(bound)
+
+
+def _order(item: IndexItem) -> tuple[Any, Any]:
+    return item[0], item[1]
+
+
+def _within(item: tuple[Any, ...], lo: Any, hi: Any) -> bool:
+    pair = (item[0], item[1])
+    return (lo is None or pair >= lo) and (hi is None or pair < hi)

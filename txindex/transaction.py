@@ -1,0 +1,265 @@
+"""Transactions: snapshot reads, a write set, an index overlay, a read set and predicates.
+
+A transaction pins the store's applied revision at its first operation and reads everything
+(points and index queries) as of that revision, merged with its own writes. A read-write
+transaction records what it read: each point read as ``(key, mod_revision)`` (0 for absent)
+and each index query as a predicate ``(index, lo, hi)``. :mod:`txindex.commit` turns those into
+one etcd Txn. A transaction belongs to one thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .errors import Closed, DecodeError, ModelError, TxTooLarge, UniqueViolation
+from .index import Index
+from .model import ModelInfo, info_of
+from .ordering import TOP
+from .overlay import Overlay
+from .store import Entry, index_keys
+
+if TYPE_CHECKING:
+    from .db import DB
+
+M = TypeVar("M")
+Predicate = tuple[Index[Any], Any, Any]  # (index, lo, hi) over (index key, primary key) pairs
+
+
+class Write:
+    """One key's pending write: ``obj``/``data`` are ``None`` for a delete."""
+
+    __slots__ = ("data", "entry", "info", "obj", "pk")
+
+    def __init__(self, info: ModelInfo, pk: Any, obj: Any, data: bytes | None, key: str) -> None:
+        self.info, self.pk, self.obj, self.data = info, pk, obj, data
+        self.entry = None if obj is None else Entry(key, pk, obj, 0, info)
+
+
+class Transaction:
+    """A snapshot transaction; read-write unless opened with ``db.read()``."""
+
+    def __init__(self, db: DB, *, writable: bool) -> None:
+        self._db = db
+        self._store = db._store
+        self.writable = writable
+        self._rev: int | None = None
+        self._done = False
+        self.reads: dict[str, int] = {}
+        self.predicates: list[Predicate] = []
+        self.writes: dict[str, Write] = {}
+        self._overlay = Overlay()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        """The snapshot revision (pins the snapshot if no operation has yet)."""
+        return self._pin()
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._done:
+            return
+        if exc_type is None and self.writable:
+            self.commit()
+        else:
+            self.rollback()
+
+    def commit(self) -> int | None:
+        """Commit as one etcd Txn; returns the commit revision (``None`` if nothing was
+        written). Raises ``Conflict``, ``UniqueViolation``, ``CommitUnknown``, ``TxTooLarge``."""
+        self._check_open()
+        try:
+            if not self.writes:
+                return None
+            from .commit import commit
+
+            revision = commit(self)
+            self._db._committed(revision)
+            return revision
+        finally:
+            self._end()
+
+    def rollback(self) -> None:
+        """Drop every write; the transaction leaves no trace. Idempotent."""
+        if not self._done:
+            self._end()
+
+    def _end(self) -> None:
+        self._done = True
+        self._overlay = Overlay()
+        if self._rev is not None:
+            self._store.unpin(self._rev)
+
+    # ---- point reads ---------------------------------------------------------------------
+
+    def get(self, cls: type[M], pk: Any) -> M | None:
+        """The object with primary key ``pk`` in this snapshot, own writes included, or
+        ``None``. O(1); no network. Raises ``DecodeError`` if the stored value is invalid."""
+        if self._done:
+            self._check_open()
+        info = _info(cls)
+        key = info.prefix + info.key_suffix(pk)
+        if self.writes:
+            w = self.writes.get(key)
+            if w is not None:
+                return w.obj  # type: ignore[no-any-return]
+        entry = self._store.get(key, self._rev if self._rev is not None else self._pin())
+        if self.writable:
+            self.reads.setdefault(key, 0 if entry is None else entry.mod_revision)
+        if entry is None:
+            return None
+        value = entry.value
+        if value.__class__ is DecodeError:
+            raise DecodeError(value.key, value.reason)
+        return value  # type: ignore[no-any-return]
+
+    # ---- index queries -------------------------------------------------------------------
+
+    def find(self, index: Index[M], value: Any) -> list[M]:
+        """Every object whose ``index`` key equals ``value``, ordered by (index key, primary
+        key). O(log n + m)."""
+        lo, hi = index.eq_bounds(value)
+        return [it[2].value for it in self._query(index, lo, hi, False, None)]
+
+    def first(self, index: Index[M], value: Any) -> M | None:
+        """The first object whose ``index`` key equals ``value``, or ``None``. O(log n)."""
+        lo, hi = index.eq_bounds(value)
+        items = self._query(index, lo, hi, False, 1)
+        return items[0][2].value if items else None
+
+    def range(
+        self,
+        index: Index[M],
+        lo: Any = None,
+        hi: Any = None,
+        *,
+        reverse: bool = False,
+        limit: int | None = None,
+    ) -> Iterator[M]:
+        """Objects whose ``index`` key lies in ``[lo, hi)`` (``None`` = unbounded), in order
+        (``reverse`` for descending), at most ``limit``. O(log n + m)."""
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        blo, bhi = index.range_bounds(lo, hi)
+        return iter([it[2].value for it in self._query(index, blo, bhi, reverse, limit)])
+
+    def prefix(self, index: Index[M], prefix: str) -> list[M]:
+        """Objects whose string ``index`` key starts with ``prefix``, in order."""
+        lo, hi = index.prefix_bounds(prefix)
+        return [it[2].value for it in self._query(index, lo, hi, False, None)]
+
+    def count(self, index: Index[M], value: Any) -> int:
+        """Number of items whose ``index`` key equals ``value``. O(log n)."""
+        lo, hi = index.eq_bounds(value)
+        rev = self._record(index, lo, hi)
+        n = self._store.count(index, lo, hi, rev)
+        ov = self._overlay.get(index)
+        return n if ov is None else n + ov.count_delta(lo, hi)
+
+    def _query(
+        self, index: Index[Any], lo: Any, hi: Any, reverse: bool, limit: int | None
+    ) -> list[Any]:
+        rev = self._record(index, lo, hi)
+        ov = self._overlay.get(index)
+        if ov is None:
+            return self._store.query(index, lo, hi, rev, reverse=reverse, limit=limit)
+        need = None if limit is None else limit + len(ov.removed)
+        base = self._store.query(index, lo, hi, rev, reverse=reverse, limit=need)
+        return ov.merge(base, lo, hi, reverse, limit)
+
+    def _record(self, index: Index[Any], lo: Any, hi: Any) -> int:
+        if self._done:
+            self._check_open()
+        if index not in self._store.declared:
+            raise ModelError(f"{index!r} is not an index of a model of this database")
+        rev = self._rev if self._rev is not None else self._pin()
+        if self.writable:
+            self.predicates.append((index, lo, hi))
+        return rev
+
+    # ---- writes --------------------------------------------------------------------------
+
+    def put(self, obj: Any) -> None:
+        """Insert or replace ``obj`` (keyed by its primary key). Checks unique indexes against
+        this snapshot and the transaction's own writes; raises ``UniqueViolation``,
+        ``UnorderableValue`` or ``ModelError`` and then leaves the transaction unchanged."""
+        self._check_writable()
+        info = info_of(obj)
+        if type(obj) is not info.cls:
+            raise ModelError(f"{type(obj).__name__} is not the model class {info.name}")
+        pk = info.pk(obj)
+        key = info.prefix + info.key_suffix(pk)
+        data = info.encode(obj)
+        new_keys = {idx: idx.entries(obj) for idx in info.indexes}
+        for idx, keys in new_keys.items():
+            if idx.unique:
+                for k in keys:
+                    self._check_unique(idx, k, pk)
+        self._write(key, Write(info, pk, obj, data, key), new_keys)
+
+    def delete(self, cls: type[Any], pk: Any) -> None:
+        """Delete the object with primary key ``pk`` (a no-op if there is none)."""
+        self._check_writable()
+        info = _info(cls)
+        key = info.prefix + info.key_suffix(pk)
+        self._write(key, Write(info, pk, None, None, key), {idx: () for idx in info.indexes})
+
+    def _write(self, key: str, write: Write, new_keys: dict[Index[Any], tuple[Any, ...]]) -> None:
+        limit = self._db.max_txn_ops
+        if key not in self.writes and len(self.writes) >= limit:
+            raise TxTooLarge(f"more than {limit} writes in one transaction (etcd --max-txn-ops)")
+        old = self.writes.get(key)
+        snap = None if old is not None else self._store.get(key, self._pin())
+        for idx, keys in new_keys.items():
+            if old is not None:
+                old_keys = idx.entries(old.obj) if old.obj is not None else ()
+            else:
+                old_keys = index_keys(idx, snap)
+            self._overlay.replace(idx, write.pk, old_keys, keys, write.entry)
+        self.writes[key] = write
+
+    def _check_unique(self, index: Index[Any], key: Any, pk: Any) -> None:
+        items = self._query(index, (key,), (key, TOP), False, 2)
+        holders = [it[1] for it in items if it[1] != pk]
+        if holders:
+            raise UniqueViolation(index.qualname, _plain(key), holders[0])
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _pin(self) -> int:
+        if self._rev is None:
+            self._check_open()
+            self._rev = self._db._pin()
+        return self._rev
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise Closed("transaction already ended (committed or rolled back)")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self.writable:
+            raise ModelError("read-only transaction (db.read()): use db.tx() to write")
+
+
+def _info(cls: Any) -> ModelInfo:
+    info = getattr(cls, "__txindex_model__", None)
+    if info is None or info.cls is not cls:
+        return info_of(cls)  # raises a clear ModelError
+    return info  # type: ignore[no-any-return]
+
+
+def _plain(encoded: Any) -> Any:
+    """A readable form of an encoded index key, for error messages."""
+    if isinstance(encoded, tuple) and len(encoded) == 2 and isinstance(encoded[0], int):
+        inner = encoded[1]
+        if isinstance(inner, tuple):
+            return tuple(_plain(x) for x in inner)
+        return inner
+    if isinstance(encoded, tuple):
+        return tuple(_plain(x) for x in encoded)
+    return encoded

@@ -1,0 +1,257 @@
+"""The watcher: the only writer of the store.
+
+It loads the database prefix in pages at one pinned revision, then watches from that revision
++ 1, using progress notifications as a liveness check. A stream that fails, or that stays
+silent past a progress request, is replaced (backoff with jitter) and resumed at the last applied revision + 1. A
+compacted resume point triggers a resync: a fresh paged load diffed against the store and
+applied as one atomic batch, indexes included. Events at or below the applied revision are
+ignored. Values that do not decode are stored as :class:`~txindex.errors.DecodeError` (logged
+and counted) so that ``get`` raises for that key; nothing here stops the thread but ``stop``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .backend.base import Backend, Event, KeyValue, WatchStream, prefix_end, successor
+from .errors import Compacted, DecodeError
+from .model import ModelInfo
+from .store import Entry, Store
+
+log = logging.getLogger("txindex.watcher")
+
+
+@dataclass
+class WatchStats:
+    """Counters an operator wants to see."""
+
+    loaded_keys: int = 0
+    events: int = 0
+    decode_errors: int = 0
+    unclaimed_keys: int = 0
+    reconnects: int = 0
+    resyncs: int = 0
+    last_error: str = ""
+    errors: list[str] = field(default_factory=list)
+
+
+class Decoder:
+    """Turns etcd keys and values under the database prefix into store entries."""
+
+    def __init__(self, prefix: str, models: Sequence[ModelInfo], stats: WatchStats) -> None:
+        self._prefix = prefix
+        self._models = sorted(models, key=lambda m: len(m.prefix), reverse=True)
+        self._stats = stats
+
+    def entry(self, key: bytes, value: bytes, mod_revision: int) -> tuple[str, Entry] | None:
+        """The store key and entry for one KV, or ``None`` if no model claims the key."""
+        try:
+            skey = key.decode()[len(self._prefix):]
+        except UnicodeDecodeError:
+            self._stats.unclaimed_keys += 1
+            return None
+        for info in self._models:
+            if skey.startswith(info.prefix):
+                return skey, self._decode(info, skey, value, mod_revision)
+        self._stats.unclaimed_keys += not skey.startswith("__txindex__/")
+        return None
+
+    def key(self, key: bytes) -> str | None:
+        """The store key of a deleted etcd key, or ``None`` if unclaimed."""
+        try:
+            skey = key.decode()[len(self._prefix):]
+        except UnicodeDecodeError:
+            return None
+        return skey if any(skey.startswith(m.prefix) for m in self._models) else None
+
+    def _decode(self, info: ModelInfo, skey: str, value: bytes, rev: int) -> Entry:
+        suffix = skey[len(info.prefix):]
+        pk: object = suffix
+        try:
+            pk = info.pk_from_suffix(suffix)
+            if info.key_suffix(pk) != suffix:
+                raise ValueError(f"key suffix {suffix!r} is not the canonical form of {pk!r}")
+            obj = info.decode(value, skey)
+            if info.pk(obj) != pk:
+                raise ValueError(f"field {info.key_field!r} is {info.pk(obj)!r}, key says {pk!r}")
+            return Entry(skey, pk, obj, rev, info)
+        except Exception as exc:
+            err = exc if isinstance(exc, DecodeError) else DecodeError(skey, str(exc))
+            self._stats.decode_errors += 1
+            log.error("txindex: %s", err)
+            return Entry(skey, pk, err, rev, info)
+
+
+class Watcher:
+    """Feeds one store from one backend; runs a daemon thread after :meth:`load`."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        store: Store,
+        prefix: str,
+        *,
+        page_size: int = 2000,
+        progress_interval: float = 2.0,
+    ) -> None:
+        self.stats = WatchStats()
+        self._backend = backend
+        self._store = store
+        self._start = prefix.encode()
+        self._end = prefix_end(self._start) if prefix else b"\x00"
+        self._decoder = Decoder(prefix, store.models, self.stats)
+        self._page_size = page_size
+        self._progress_interval = progress_interval
+        self._stopping = threading.Event()
+        self._stream: WatchStream | None = None
+        self._thread = threading.Thread(target=self._run, name="txindex-watcher", daemon=True)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Initial paged load (blocking), then start following the watch."""
+        revision, entries = self._read_all()
+        self._store.load(revision, entries)
+        self.stats.loaded_keys = len(entries)
+        log.info("txindex: loaded %d keys at revision %d", len(entries), revision)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def nudge(self) -> None:
+        """Ask for a progress notification now (a transaction waits for a revision)."""
+        stream = self._stream
+        if stream is not None:
+            try:
+                stream.request_progress()
+            except Exception as exc:  # the loop notices a dead stream itself
+                log.debug("progress request failed: %s", exc)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = 0.05
+        while not self._stopping.is_set():
+            try:
+                self._follow()
+                delay = 0.05
+            except Compacted as exc:
+                log.warning("txindex: watch compacted at %d; resyncing", exc.compact_revision)
+                self._guard(self._resync)
+            except Exception as exc:
+                if self._stopping.is_set():
+                    break
+                self.stats.reconnects += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("txindex: watch failed (%s); reconnecting in %.2fs", exc, delay)
+                self._stopping.wait(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+
+    def _guard(self, fn: object) -> None:
+        try:
+            fn()  # type: ignore[operator]
+        except Exception as exc:
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("txindex: resync failed (%s); retrying", exc)
+            self._stopping.wait(0.2)
+
+    def _follow(self) -> None:
+        stream = self._backend.watch(self._start, self._end, self._store.revision + 1)
+        self._stream = stream
+        waiting = False
+        try:
+            while not self._stopping.is_set():
+                resp = stream.get(self._progress_interval)
+                if resp is None:
+                    if waiting:
+                        raise TimeoutError("watch stream silent past a progress request")
+                    stream.request_progress()
+                    waiting = True
+                    continue
+                waiting = False
+                if resp.events:
+                    self._apply(resp.events)
+                # A progress notification only proves the stream is alive: etcd before 3.5.8
+                # may report a revision whose events are still undelivered (etcd #15220), so
+                # the applied revision moves only with events (see commit.sync_key).
+        finally:
+            self._stream = None
+            stream.close()
+
+    def _apply(self, events: Sequence[Event]) -> None:
+        applied = self._store.revision
+        batches: list[tuple[int, list[tuple[str, Entry | None]]]] = []
+        for ev in events:
+            if ev.mod_revision <= applied:
+                continue
+            if not batches or batches[-1][0] != ev.mod_revision:
+                batches.append((ev.mod_revision, []))
+            update = self._update(ev)
+            if update is not None:
+                batches[-1][1].append(update)
+        self.stats.events += len(events)
+        if batches:
+            self._store.apply(batches)
+
+    def _update(self, ev: Event) -> tuple[str, Entry | None] | None:
+        if ev.deleted:
+            skey = self._decoder.key(ev.key)
+            return None if skey is None else (skey, None)
+        return self._decoder.entry(ev.key, ev.value, ev.mod_revision)
+
+    # ---- loads ---------------------------------------------------------------------------
+
+    def _read_all(self) -> tuple[int, list[Entry]]:
+        """Every claimed key at one revision, read in pages. Restarts if compacted mid-way."""
+        while True:
+            try:
+                entries: list[Entry] = []
+                pinned = [0]
+                for kvs in self._pages(pinned):
+                    for kv in kvs:
+                        e = self._decoder.entry(kv.key, kv.value, kv.mod_revision)
+                        if e is not None:
+                            entries.append(e[1])
+                return pinned[0], entries
+            except Compacted:
+                log.warning("txindex: load revision compacted; loading again")
+
+    def _pages(self, pinned: list[int]) -> Iterator[Sequence[KeyValue]]:
+        """Pages of the prefix; the first page's revision is pinned (in ``pinned[0]``) for
+        the rest."""
+        key = self._start
+        while True:
+            page = self._backend.range(key, self._end, revision=pinned[0], limit=self._page_size)
+            pinned[0] = pinned[0] or page.revision
+            yield page.kvs
+            if not page.more or not page.kvs:
+                return
+            key = successor(page.kvs[-1].key)
+
+    def _resync(self) -> None:
+        revision, entries = self._read_all()
+        current = self._store.entries()
+        fresh = {e.key: e for e in entries}
+        updates: list[tuple[str, Entry | None]] = [
+            (k, e) for k, e in fresh.items()
+            if k not in current or current[k].mod_revision != e.mod_revision
+        ]
+        updates.extend((k, None) for k in current if k not in fresh)
+        self._store.apply([(revision, updates)])
+        self._store.advance(revision)
+        self.stats.resyncs += 1
+        log.warning("txindex: resynced at revision %d (%d keys changed)", revision, len(updates))
