@@ -1,12 +1,13 @@
 """The watcher: the only writer of the store.
 
-It loads the database prefix in pages at one pinned revision, then watches from that revision
-+ 1, using progress notifications as a liveness check. A stream that fails, or that stays
-silent past a progress request, is replaced (backoff with jitter) and resumed at the last applied revision + 1. A
-compacted resume point triggers a resync: a fresh paged load diffed against the store and
-applied as one atomic batch, indexes included. Events at or below the applied revision are
-ignored. Values that do not decode are stored as :class:`~txindex.errors.DecodeError` (logged
-and counted) so that ``get`` raises for that key; nothing here stops the thread but ``stop``.
+It loads the database prefix in pages at one pinned revision, then watches from that
+revision + 1, using progress notifications as a liveness check. A stream that fails, or that
+stays silent past a progress request, is replaced (backoff with jitter) and resumed at the
+last applied revision + 1. A compacted resume point triggers a resync: a fresh paged load
+diffed against the store and applied as one atomic batch, indexes included. Events at or below
+the applied revision are ignored. Values that do not decode are stored as
+:class:`~txindex.errors.DecodeError` (logged and counted) so that ``get`` raises for that key;
+nothing here stops the thread but ``stop``.
 """
 
 from __future__ import annotations
