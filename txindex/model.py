@@ -222,6 +222,8 @@ def model(prefix: str, *, key: str) -> Callable[[type[T]], type[T]]:
         for attr, value in cls.__dict__.items():
             if not isinstance(value, Index):
                 continue
+            if _recreated_by_dataclass(value._model, cls):
+                value._model = cls  # @dataclass(slots=True) built a new class from the old body
             if value._model is not cls or value.name != attr:
                 raise ModelError(
                     f"{name}.{attr}: this Index object already belongs to {value.qualname}; "
@@ -240,6 +242,19 @@ def model(prefix: str, *, key: str) -> Callable[[type[T]], type[T]]:
         return cls
 
     return decorate
+
+
+def _recreated_by_dataclass(old: type[Any] | None, cls: type[Any]) -> bool:
+    """True if ``cls`` is the class ``@dataclass(slots=True)`` rebuilt from ``old``."""
+    return (
+        old is not None
+        and old is not cls
+        and "__slots__" in cls.__dict__
+        and old.__qualname__ == cls.__qualname__
+        and old.__module__ == cls.__module__
+        and cls.__dict__.get("__dataclass_fields__") is not None
+        and getattr(old, "__dataclass_fields__", None) is cls.__dict__["__dataclass_fields__"]
+    )
 
 
 def info_of(cls_or_obj: Any) -> ModelInfo:
