@@ -329,3 +329,18 @@ def test_defaults_and_factories_in_models() -> None:
     assert info.decode(b'{"id":3}', "d/3") == D(3)
     with pytest.raises(DecodeError):
         info.decode(b'{"xs":[]}', "d/3")
+
+
+def test_slots_dataclass_model_keeps_its_indexes() -> None:
+    @model("slotted/", key="id")
+    @dataclass(frozen=True, slots=True)
+    class Slotted:
+        id: str
+        v: int = 0
+
+        by_v = Index("v")
+
+    info = Slotted.__txindex_model__  # type: ignore[attr-defined]
+    assert info.indexes == (Slotted.by_v,)
+    assert Slotted.by_v.model is Slotted
+    assert Slotted.by_v.entries(Slotted("a", 3)) == ((2, 3),)
