@@ -72,7 +72,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_JSON_DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} overflows a float")
+    return value
+
+
+_JSON_DECODE = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
 
 
 class _Bad(Exception):

@@ -8,23 +8,24 @@ Let R be the transaction's snapshot and V the store's applied revision when the 
 2. **Compares** that carry the check from V to the commit point on the server:
 
    * each point read: ``mod_revision(key) == seen`` (``0`` for an absent key), which catches
-     updates, creates and deletes;
-   * each model that a predicate (index query) read: ``mod_revision < V + 1`` over the model's
-     whole key range (catches inserts and updates after V) **and** ``mod_revision < V + 1`` on
-     the model's *fence* key. A range compare cannot see a delete (the key leaves the range),
-     so every txindex commit that deletes objects of a model also writes that model's fence
-     key (``<prefix>__txindex__/fence/<model prefix>``).
+     updates, creates and deletes, by anyone;
+   * each model that a predicate (index query) read: ``mod_revision < V + 1`` on the model's
+     *fence* key (``<prefix>__txindex__/fence/<model prefix>``), which every txindex commit
+     that writes objects of the model also writes. A range compare over the model's keys would
+     miss deletes (a deleted key leaves the range) and costs etcd a scan of the whole range
+     on every commit; the fence is one key.
    * When point compares would exceed the compare budget (``max_txn_ops``), the point reads of
-     the models with the most reads are covered by the same model guard instead: never an
-     error, only coarser.
+     the models with the most reads are covered by the model's fence instead: never an error,
+     only coarser.
 
 3. If the Txn fails, its failure branch writes the prefix's sync key, so the watch delivers an
    event at the failure revision F; the store catches up to F and step 1 runs again over
    ``(V, F]``. Only if something the transaction read changed is it a conflict; otherwise the
    Txn is re-sent with V = F (bounded by ``max_rounds``).
 
-Writes made by other tools (``etcdctl del``) do not write fences: deletes by such tools are
-applied to the cache correctly but are not serialized against running predicate reads.
+Writes by other tools (``etcdctl``) do not write fences: they are applied to the cache like any
+write and conflict with exact point reads, but they are not serialized against predicate reads
+(or point reads past the compare budget) of transactions in flight.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from .backend.base import Compare, Delete, Op, Put, prefix_end
+from .backend.base import Compare, Delete, Op, Put
 from .errors import Conflict, TxTooLarge
 from .model import ModelInfo
 from .store import Change, Entry, index_keys
@@ -70,11 +71,8 @@ def _ops(tx: Transaction) -> list[Op]:
     fenced: set[str] = set()
     for key, w in tx.writes.items():
         full = (prefix + key).encode()
-        if w.data is None:
-            ops.append(Delete(full))
-            fenced.add(w.info.prefix)
-        else:
-            ops.append(Put(full, w.data))
+        ops.append(Delete(full) if w.data is None else Put(full, w.data))
+        fenced.add(w.info.prefix)
     ops.extend(Put(fence_key(prefix, p), b"") for p in sorted(fenced))
     return ops
 
@@ -87,7 +85,7 @@ def sync_key(db_prefix: str) -> bytes:
 
 
 def fence_key(db_prefix: str, model_prefix: str) -> bytes:
-    """The fence key every delete of ``model_prefix`` objects writes."""
+    """The fence key every commit that writes ``model_prefix`` objects also writes."""
     return (db_prefix + FENCE + model_prefix).encode()
 
 
@@ -114,12 +112,12 @@ def _plan_compares(tx: Transaction) -> tuple[list[str], set[ModelInfo]]:
     points = [k for k in tx.reads if _model_of(infos, k) not in guarded]
     budget = tx._db.max_txn_ops
     by_model = Counter(_model_of(infos, k) for k in points)
-    while len(points) + 2 * len(guarded) > budget and by_model:
+    while len(points) + len(guarded) > budget and by_model:
         info, _ = by_model.most_common(1)[0]
         del by_model[info]
         guarded.add(info)
         points = [k for k in points if _model_of(infos, k) is not info]
-    if 2 * len(guarded) > budget:
+    if len(guarded) > budget:
         raise TxTooLarge(f"transaction reads {len(guarded)} models; too many to guard")
     return points, guarded
 
@@ -136,10 +134,10 @@ def _compares(
 ) -> list[Compare]:
     prefix = tx._db.prefix
     compares = [Compare((prefix + k).encode(), "mod", "=", tx.reads[k]) for k in point_keys]
-    for info in sorted(guarded, key=lambda i: i.prefix):
-        start = (prefix + info.prefix).encode()
-        compares.append(Compare(start, "mod", "<", validated + 1, range_end=prefix_end(start)))
-        compares.append(Compare(fence_key(prefix, info.prefix), "mod", "<", validated + 1))
+    compares.extend(
+        Compare(fence_key(prefix, info.prefix), "mod", "<", validated + 1)
+        for info in sorted(guarded, key=lambda i: i.prefix)
+    )
     return compares
 
 

@@ -48,6 +48,7 @@ class Transaction:
         self.reads: dict[str, int] = {}
         self.predicates: list[Predicate] = []
         self.writes: dict[str, Write] = {}
+        self._fenced: set[ModelInfo] = set()
         self._overlay = Overlay()
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -210,8 +211,14 @@ class Transaction:
 
     def _write(self, key: str, write: Write, new_keys: dict[Index[Any], tuple[Any, ...]]) -> None:
         limit = self._db.max_txn_ops
-        if key not in self.writes and len(self.writes) >= limit:
-            raise TxTooLarge(f"more than {limit} writes in one transaction (etcd --max-txn-ops)")
+        if key not in self.writes:
+            fences = len(self._fenced | {write.info})
+            if len(self.writes) + 1 + fences > limit:
+                raise TxTooLarge(
+                    f"one etcd Txn takes {limit} operations (--max-txn-ops): {limit - fences} "
+                    f"writes plus one fence per model written"
+                )
+            self._fenced.add(write.info)
         old = self.writes.get(key)
         snap = None if old is not None else self._store.get(key, self._pin())
         for idx, keys in new_keys.items():
