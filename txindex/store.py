@@ -20,8 +20,10 @@ Index queries and all writes take one lock, so applying a revision batch is atom
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -167,7 +169,7 @@ class Store:
         with self._lock:
             hidden, shown = self._changes_since(index, revision)
             need = None if limit is None else limit + len(hidden)
-            items = list(self._slice(self._indexes[index], lo, hi, reverse, need))
+            items = scan(self._indexes[index], lo, hi, reverse, need)
             if not hidden and not shown:
                 return items
             items = [it for it in items if (it[0], it[1]) not in hidden]
@@ -294,22 +296,49 @@ class Store:
             shown.extend((k, pk, e) for (k, pk), e in then_items.items() if (k, pk) not in now_keys)
         return hidden, shown
 
-    def _slice(
-        self, sl: SortedList, lo: Any, hi: Any, reverse: bool, limit: int | None
-    ) -> Iterator[IndexItem]:
-        start, stop = _bisect(sl, lo, 0), _bisect(sl, hi, len(sl))
-        if limit is not None:
-            if reverse:
-                start = max(start, stop - limit)
-            else:
-                stop = min(stop, start + limit)
-        return sl.islice(start, stop, reverse=reverse)  # type: ignore[no-any-return]
-
-
 def _indexes_of(before: Entry | None, after: Entry | None) -> tuple[Index[Any], ...]:
     if before is not None and after is not None and before.info is not after.info:
         return before.info.indexes + after.info.indexes
     return (after or before).info.indexes  # type: ignore[union-attr]
+
+
+def scan(sl: SortedList, lo: Any, hi: Any, reverse: bool, limit: int | None) -> list[Any]:
+    """Items of ``sl`` in ``[lo, hi)`` (``None`` = unbounded), in order or reversed, at most
+    ``limit``. O(log n + m), copying with C-level slices.
+
+    Uses SortedList's sublists directly (``_maxes``/``_lists``, stable since sortedcontainers
+    2.0): positional ``bisect_left``/``islice`` also walk its index tree, which costs more
+    than the whole lookup of a point query.
+    """
+    lists, maxes = sl._lists, sl._maxes
+    if not maxes or limit == 0:
+        return []
+    i, j = (0, 0) if lo is None else _locate(lists, maxes, lo)
+    i2, j2 = (len(lists) - 1, len(lists[-1])) if hi is None else _locate(lists, maxes, hi)
+    if (i, j) >= (i2, j2):
+        return []
+    if i == i2:
+        out = lists[i][j:j2]
+    elif not reverse and limit is not None and len(lists[i]) - j >= limit:
+        return lists[i][j:j + limit]  # type: ignore[no-any-return]
+    else:
+        out = lists[i][j:]
+        for sub in itertools.islice(lists, i + 1, i2):
+            out.extend(sub)
+            if not reverse and limit is not None and len(out) >= limit:
+                return out[:limit]  # type: ignore[no-any-return]
+        out.extend(lists[i2][:j2])
+    if reverse:
+        out.reverse()
+    return out if limit is None else out[:limit]  # type: ignore[no-any-return]
+
+
+def _locate(lists: list[list[Any]], maxes: list[Any], bound: Any) -> tuple[int, int]:
+    """(sublist, offset) of the first item >= ``bound``; past the end is (last, len(last))."""
+    i = bisect_left(maxes, bound)
+    if i == len(maxes):
+        return i - 1, len(lists[i - 1])
+    return i, bisect_left(lists[i], bound)
 
 
 def _bisect(sl: SortedList, bound: Any, default: int) -> int:

@@ -1,0 +1,1 @@
+"""txindex benchmarks: ``python bench/run.py [--smoke|--quick|--full] [--only NAME,...]``."""

@@ -1,0 +1,297 @@
+"""Shared benchmark machinery: the metric registry, the run context, timing helpers, models.
+
+Adding a metric: write one function ``fn(ctx) -> Measured`` in any ``bench/bench_*.py`` module
+and decorate it with :func:`metric`; ``run.py`` imports every such module and runs the registry.
+
+Every figure is measured against its baseline in the same run: :func:`interleave` alternates
+repetitions of candidate and baseline (order flipped each round) so that noise from a shared
+machine hits both sides alike; reported values are medians (and p99 where it matters).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import txindex
+from txindex import Index
+
+MODES = ("smoke", "quick", "full")
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+@txindex.model("nodes/", key="id")
+@dataclass(frozen=True)
+class Node:
+    """The DESIGN.md example model: five indexes (unique, multi, compound, computed+partial)."""
+
+    id: str
+    user: str
+    ip: str
+    tags: tuple[str, ...] = ()
+    last_seen: float = 0.0
+
+    by_user = Index("user")
+    by_ip = Index("ip", unique=True)
+    by_tag = Index("tags", multi=True)
+    by_user_seen = Index("user", "last_seen")
+    active = Index(lambda n: n.last_seen, where=lambda n: n.last_seen > 0)
+
+
+@txindex.model("hosts/", key="id")
+@dataclass(frozen=True)
+class Host:
+    """Same fields as Node, exactly three indexes (the commit benchmark's model)."""
+
+    id: str
+    user: str
+    ip: str
+    tags: tuple[str, ...] = ()
+    last_seen: float = 0.0
+
+    by_user = Index("user")
+    by_ip = Index("ip", unique=True)
+    by_tag = Index("tags", multi=True)
+
+
+TAGS = ("prod", "dev", "gpu", "edge", "db")
+
+
+def make_node(i: int, user: str | None = None, last_seen: float | None = None) -> Node:
+    return Node(
+        id=f"n{i:07d}",
+        user=user if user is not None else f"u{i % 997}",
+        ip=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
+        tags=(TAGS[i % 5], TAGS[(i // 5) % 5]) if i % 3 else (TAGS[i % 5],),
+        last_seen=float(i) if last_seen is None else last_seen,
+    )
+
+
+# ---- registry -------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    """What a metric function returns. ``extra`` holds secondary figures (p99, counts)."""
+
+    value: float
+    baseline: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Metric:
+    name: str
+    fn: Callable[[Context], Measured]
+    unit: str
+    ratio: str  # "baseline/value" (higher is better) or "value/baseline"
+    target: tuple[str, str, float] | None  # (field "ratio"|"value", "<="|">=", threshold)
+    etcd: bool  # needs the etcd server
+    doc: str
+
+
+REGISTRY: dict[str, Metric] = {}
+
+
+def metric(
+    name: str,
+    *,
+    unit: str,
+    ratio: str,
+    target: tuple[str, str, float] | None = None,
+    etcd: bool = False,
+) -> Callable[[Callable[[Context], Measured]], Callable[[Context], Measured]]:
+    """Register ``fn(ctx) -> Measured`` as metric ``name``."""
+    if ratio not in ("baseline/value", "value/baseline"):
+        raise ValueError(f"bad ratio {ratio!r}")
+
+    def deco(fn: Callable[[Context], Measured]) -> Callable[[Context], Measured]:
+        if name in REGISTRY:
+            raise ValueError(f"metric {name!r} registered twice")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        REGISTRY[name] = Metric(name, fn, unit, ratio, target, etcd, doc[0] if doc else "")
+        return fn
+
+    return deco
+
+
+def ratio_of(m: Metric, r: Measured) -> float | None:
+    num, den = (r.baseline, r.value) if m.ratio == "baseline/value" else (r.value, r.baseline)
+    if den == 0:
+        return None if num == 0 else float("inf")
+    return num / den
+
+
+def target_met(m: Metric, r: Measured, ratio: float | None) -> bool | None:
+    if m.target is None:
+        return None
+    what, op, threshold = m.target
+    x = ratio if what == "ratio" else r.value
+    if x is None:
+        return None
+    return x >= threshold if op == ">=" else x <= threshold
+
+
+def target_text(m: Metric) -> str:
+    if m.target is None:
+        return "(report)"
+    what, op, threshold = m.target
+    return f"{what} {op} {threshold:g}"
+
+
+# ---- context --------------------------------------------------------------------------------
+
+
+class Context:
+    """One run: the mode, a temp dir, the etcd endpoint (if started) and a shared cache."""
+
+    def __init__(self, mode: str, tmp: Path, endpoint: str | None) -> None:
+        if mode not in MODES:
+            raise ValueError(mode)
+        self.mode = mode
+        self.tmp = tmp
+        self.endpoint = endpoint
+        self.cache: dict[str, Any] = {}
+        self._closers: dict[str, list[Callable[[], None]]] = {"metric": [], "run": []}
+
+    def on_close(self, fn: Callable[[], None], scope: str = "metric") -> None:
+        """Register cleanup (closing a DB or client) for the end of the current metric, or of
+        the run (``scope="run"``, for resources kept in :attr:`cache`)."""
+        self._closers[scope].append(fn)
+
+    def close(self, scope: str = "run") -> None:
+        """Run the cleanups of ``scope`` ("run" also runs the "metric" ones), newest first."""
+        for s in ("metric", "run") if scope == "run" else (scope,):
+            closers = self._closers[s]
+            while closers:
+                closers.pop()()
+
+    def pick(self, smoke: Any, quick: Any, full: Any) -> Any:
+        return {"smoke": smoke, "quick": quick, "full": full}[self.mode]
+
+    @property
+    def etcd_url(self) -> str:
+        if self.endpoint is None:
+            raise RuntimeError("this metric needs etcd but none was started")
+        return f"etcd://{self.endpoint}"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.etcd_url[len("etcd://") :].rpartition(":")
+        return host, int(port)
+
+    @staticmethod
+    def fresh_prefix(tag: str) -> str:
+        return f"bench-{tag}-{uuid.uuid4().hex[:8]}/"
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+Sampler = Callable[[], list[float]]  # one repetition -> per-op samples in seconds
+
+
+def interleave(
+    rounds: int, candidate: Sampler, baseline: Sampler
+) -> tuple[list[float], list[float]]:
+    """Run ``rounds`` repetitions of each side, alternating which goes first; returns all
+    per-op samples of each side."""
+    cand: list[float] = []
+    base: list[float] = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            cand += candidate()
+            base += baseline()
+        else:
+            base += baseline()
+            cand += candidate()
+    return cand, base
+
+
+def batch(fn: Callable[[int], None], n: int) -> list[float]:
+    """Time ``fn(n)`` (a loop of ``n`` operations) with the collector off; one per-op sample."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        fn(n)
+        dt = time.perf_counter() - t0
+    finally:
+        if enabled:
+            gc.enable()
+    return [dt / n]
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def p99(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
+
+
+US = 1e6
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def preload(url: str, prefix: str, objs: list[Any], batch_size: int = 128) -> None:
+    """Write ``objs`` straight into the KV store (raw Txns of ``batch_size`` puts, encoded by
+    the model codec), bypassing transactions: setting up a large data set fast."""
+    from txindex.backend import Put, open_backend
+    from txindex.model import info_of
+
+    backend = open_backend(url)
+    try:
+        for i in range(0, len(objs), batch_size):
+            ops = []
+            for obj in objs[i : i + batch_size]:
+                info = info_of(obj)
+                key = prefix + info.prefix + info.key_suffix(info.pk(obj))
+                ops.append(Put(key.encode(), info.encode(obj)))
+            backend.txn([], ops)
+    finally:
+        backend.close()
+
+
+class TxnRecorder:
+    """Delegates to a backend; counts Txn outcomes (a failed Txn = one re-validation round of
+    the commit protocol), the time spent in ``txn`` and the shape of the last Txn. Installed
+    as ``db._backend`` (the commit path's handle); the watcher keeps the original."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()
+        self.succeeded = 0
+        self.failed = 0
+        self.seconds: list[float] = []
+        self.shape = ""
+
+    def txn(
+        self, compares: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()
+    ) -> Any:
+        t0 = time.perf_counter()
+        result = self._inner.txn(compares, success, failure)
+        dt = time.perf_counter() - t0
+        ranged = sum(1 for c in compares if getattr(c, "range_end", None))
+        with self._lock:
+            self.seconds.append(dt)
+            self.shape = f"{len(compares)} cmp ({ranged} range), {len(success)} ops"
+            if result.succeeded:
+                self.succeeded += 1
+            else:
+                self.failed += 1
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
