@@ -8,15 +8,15 @@ Let R be the transaction's snapshot and V the store's applied revision when the 
 2. **Compares** that carry the check from V to the commit point on the server:
 
    * each point read: ``mod_revision(key) == seen`` (``0`` for an absent key), which catches
-     updates, creates and deletes, by anyone;
-   * each model that a predicate (index query) read: ``mod_revision < V + 1`` on the model's
-     *fence* key (``<prefix>__txindex__/fence/<model prefix>``), which every txindex commit
-     that writes objects of the model also writes. A range compare over the model's keys would
-     miss deletes (a deleted key leaves the range) and costs etcd a scan of the whole range
-     on every commit; the fence is one key.
-   * When point compares would exceed the compare budget (``max_txn_ops``), the point reads of
-     the models with the most reads are covered by the model's fence instead: never an error,
-     only coarser.
+     updates, creates and deletes, by anyone. Every write is also such a read (the fences it
+     owes depend on the index keys the object had), so a write conflicts with a concurrent
+     write of the same object;
+   * each predicate (index query): ``mod_revision < V + 1`` on the fence keys it depends on
+     (:mod:`txindex.fences`): the bucket fence of its key and the model's coarse fence for an
+     equality query, the model's fence for a range. Every txindex commit writes the fences of
+     what it changes.
+   * Past the compare budget (``max_txn_ops``), equality predicates coarsen to the model fence,
+     then the point reads of the models with the most reads do: never an error, only coarser.
 
 3. If the Txn fails, its failure branch writes the prefix's sync key, so the watch delivers an
    event at the failure revision F; the store catches up to F and step 1 runs again over
@@ -26,6 +26,9 @@ Let R be the transaction's snapshot and V the store's applied revision when the 
 Writes by other tools (``etcdctl``) do not write fences: they are applied to the cache like any
 write and conflict with exact point reads, but they are not serialized against predicate reads
 (or point reads past the compare budget) of transactions in flight.
+
+The Txn's operations: the writes, one model fence per model written, and the bucket fences of
+every index key added or removed (or the model's coarse fence when those do not fit).
 """
 
 from __future__ import annotations
@@ -36,13 +39,13 @@ from typing import TYPE_CHECKING, Any
 
 from .backend.base import Compare, Delete, Op, Put
 from .errors import Conflict, TxTooLarge
+from .fences import bucket_fence, coarse_fence, equality_key, model_fence, sync_key
 from .model import ModelInfo
 from .store import Change, Entry, index_keys
 
 if TYPE_CHECKING:
     from .transaction import Predicate, Transaction
 
-FENCE = "__txindex__/fence/"
 
 
 def commit(tx: Transaction) -> int:
@@ -51,14 +54,16 @@ def commit(tx: Transaction) -> int:
     store = tx._store
     ops = _ops(tx)
     _check_size(tx, ops)
-    point_keys, guarded = _plan_compares(tx)
+    point_keys, fences = _plan_compares(tx)
+    failure = [Put(sync_key(db.prefix), b"")]
     validated = tx.revision
     for _ in range(db.max_rounds):
         applied = store.revision
         _validate(tx, store.changes(validated, applied))
         validated = applied
-        compares = _compares(tx, point_keys, guarded, validated)
-        result = db._backend.txn(compares, ops, [Put(sync_key(db.prefix), b"")])
+        compares = [Compare((db.prefix + k).encode(), "mod", "=", tx.reads[k]) for k in point_keys]
+        compares.extend(Compare(f, "mod", "<", validated + 1) for f in fences)
+        result = db._backend.txn(compares, ops, failure)
         if result.succeeded:
             return result.revision
         db._catch_up(result.revision)
@@ -66,27 +71,27 @@ def commit(tx: Transaction) -> int:
 
 
 def _ops(tx: Transaction) -> list[Op]:
+    """The writes, then the fences they owe (see :mod:`txindex.fences`)."""
     prefix = tx._db.prefix
     ops: list[Op] = []
-    fenced: set[str] = set()
+    buckets: dict[ModelInfo, set[bytes]] = {}
     for key, w in tx.writes.items():
         full = (prefix + key).encode()
         ops.append(Delete(full) if w.data is None else Put(full, w.data))
-        fenced.add(w.info.prefix)
-    ops.extend(Put(fence_key(prefix, p), b"") for p in sorted(fenced))
+        owed = buckets.setdefault(w.info, set())
+        for idx, old in w.old_keys.items():
+            for k in {*old, *w.new_keys(idx)}:
+                owed.add(bucket_fence(prefix, idx, k))
+    budget = tx._db.max_txn_ops - len(ops) - len(buckets)
+    for info in sorted(buckets, key=lambda i: len(buckets[i])):
+        ops.append(Put(model_fence(prefix, info), b""))
+        if len(buckets[info]) <= budget:
+            budget -= len(buckets[info])
+            ops.extend(Put(f, b"") for f in sorted(buckets[info]))
+        else:
+            budget -= 1
+            ops.append(Put(coarse_fence(prefix, info), b""))
     return ops
-
-
-def sync_key(db_prefix: str) -> bytes:
-    """Written by a failed Txn's failure branch, so that every watcher of the prefix sees an
-    event at the failure revision F: catching up to F never depends on progress
-    notifications (which etcd before 3.5.8 may send ahead of undelivered events)."""
-    return (db_prefix + "__txindex__/sync").encode()
-
-
-def fence_key(db_prefix: str, model_prefix: str) -> bytes:
-    """The fence key every commit that writes ``model_prefix`` objects also writes."""
-    return (db_prefix + FENCE + model_prefix).encode()
 
 
 def _check_size(tx: Transaction, ops: list[Op]) -> None:
@@ -105,21 +110,44 @@ def _check_size(tx: Transaction, ops: list[Op]) -> None:
         )
 
 
-def _plan_compares(tx: Transaction) -> tuple[list[str], set[ModelInfo]]:
-    """Which reads get exact point compares, and which models a coarse guard."""
-    guarded = {pred[0].model.__txindex_model__ for pred in tx.predicates}
-    infos = {info.prefix: info for info in tx._store.models}
-    points = [k for k in tx.reads if _model_of(infos, k) not in guarded]
+def _plan_compares(tx: Transaction) -> tuple[list[str], list[bytes]]:
+    """Exact point compares, and the fences that guard the predicates (and any point reads
+    beyond the compare budget)."""
+    prefix = tx._db.prefix
+    ranged: set[ModelInfo] = set()
+    equal: dict[ModelInfo, set[bytes]] = {}
+    for index, lo, hi in tx.predicates:
+        info = index.model.__txindex_model__
+        key = equality_key(lo, hi)
+        if key is None:
+            ranged.add(info)
+        else:
+            equal.setdefault(info, set()).add(bucket_fence(prefix, index, key))
     budget = tx._db.max_txn_ops
+
+    def fences() -> list[bytes]:
+        out = [model_fence(prefix, i) for i in ranged]
+        for info, keys in equal.items():
+            if info not in ranged:
+                out.append(coarse_fence(prefix, info))
+                out.extend(keys)
+        return sorted(out)
+
+    for info in sorted(equal, key=lambda i: -len(equal[i])):  # too many buckets: coarsen
+        if len(fences()) <= budget:
+            break
+        ranged.add(info)
+    infos = {info.prefix: info for info in tx._store.models}
+    points = list(tx.reads)
     by_model = Counter(_model_of(infos, k) for k in points)
-    while len(points) + len(guarded) > budget and by_model:
+    while len(points) + len(fences()) > budget and by_model:
         info, _ = by_model.most_common(1)[0]
         del by_model[info]
-        guarded.add(info)
+        ranged.add(info)
         points = [k for k in points if _model_of(infos, k) is not info]
-    if len(guarded) > budget:
-        raise TxTooLarge(f"transaction reads {len(guarded)} models; too many to guard")
-    return points, guarded
+    if len(points) + len(fences()) > budget:
+        raise TxTooLarge(f"transaction reads {len(ranged)} models; too many to guard")
+    return points, fences()
 
 
 def _model_of(infos: dict[str, ModelInfo], key: str) -> ModelInfo:
@@ -127,18 +155,6 @@ def _model_of(infos: dict[str, ModelInfo], key: str) -> ModelInfo:
         if key.startswith(prefix):
             return info
     raise KeyError(key)
-
-
-def _compares(
-    tx: Transaction, point_keys: list[str], guarded: set[ModelInfo], validated: int
-) -> list[Compare]:
-    prefix = tx._db.prefix
-    compares = [Compare((prefix + k).encode(), "mod", "=", tx.reads[k]) for k in point_keys]
-    compares.extend(
-        Compare(fence_key(prefix, info.prefix), "mod", "<", validated + 1)
-        for info in sorted(guarded, key=lambda i: i.prefix)
-    )
-    return compares
 
 
 def _validate(tx: Transaction, changes: Iterable[Change]) -> None:

@@ -27,13 +27,18 @@ Predicate = tuple[Index[Any], Any, Any]  # (index, lo, hi) over (index key, prim
 
 
 class Write:
-    """One key's pending write: ``obj``/``data`` are ``None`` for a delete."""
+    """One key's pending write: ``obj``/``data`` are ``None`` for a delete. ``old_keys`` holds
+    the index keys the object had in the snapshot (the fences a commit must write)."""
 
-    __slots__ = ("data", "entry", "info", "obj", "pk")
+    __slots__ = ("data", "entry", "info", "obj", "old_keys", "pk")
 
     def __init__(self, info: ModelInfo, pk: Any, obj: Any, data: bytes | None, key: str) -> None:
         self.info, self.pk, self.obj, self.data = info, pk, obj, data
         self.entry = None if obj is None else Entry(key, pk, obj, 0, info)
+        self.old_keys: dict[Index[Any], tuple[Any, ...]] = {}
+
+    def new_keys(self, index: Index[Any]) -> tuple[Any, ...]:
+        return () if self.obj is None else index.entries(self.obj)
 
 
 class Transaction:
@@ -211,22 +216,27 @@ class Transaction:
 
     def _write(self, key: str, write: Write, new_keys: dict[Index[Any], tuple[Any, ...]]) -> None:
         limit = self._db.max_txn_ops
-        if key not in self.writes:
-            fences = len(self._fenced | {write.info})
+        old = self.writes.get(key)
+        if old is None:
+            fences = 2 * len(self._fenced | {write.info})
             if len(self.writes) + 1 + fences > limit:
                 raise TxTooLarge(
-                    f"one etcd Txn takes {limit} operations (--max-txn-ops): {limit - fences} "
-                    f"writes plus one fence per model written"
+                    f"one etcd Txn takes {limit} operations (--max-txn-ops): at most "
+                    f"{limit - fences} writes here, plus two fence keys per model written"
                 )
-            self._fenced.add(write.info)
-        old = self.writes.get(key)
         snap = None if old is not None else self._store.get(key, self._pin())
         for idx, keys in new_keys.items():
             if old is not None:
-                old_keys = idx.entries(old.obj) if old.obj is not None else ()
+                write.old_keys[idx] = old.old_keys[idx]
+                prev = old.new_keys(idx)
             else:
-                old_keys = index_keys(idx, snap)
-            self._overlay.replace(idx, write.pk, old_keys, keys, write.entry)
+                write.old_keys[idx] = prev = index_keys(idx, snap)
+            self._overlay.replace(idx, write.pk, prev, keys, write.entry)
+        if old is None:
+            self._fenced.add(write.info)
+            # A write is also a read of the key's version: its fences name the index keys the
+            # object had in this snapshot, which must still be the ones it has at commit.
+            self.reads.setdefault(key, 0 if snap is None else snap.mod_revision)
         self.writes[key] = write
 
     def _check_unique(self, index: Index[Any], key: Any, pk: Any) -> None:
