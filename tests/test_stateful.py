@@ -176,6 +176,9 @@ class TxMachine(RuleBasedStateMachine):
                 (k, e.pk) for e in entries.values() for k in index_keys(index, e)
             )
             assert [(k, pk) for k, pk, _ in store.index_items(index)] == rebuilt
+            if index.unique:  # the point-lookup map of a unique index holds the same items
+                by_key = store._unique[index]
+                assert sorted((k, pk) for items in by_key.values() for k, pk, _ in items) == rebuilt
 
     # ---- shared checks ----
 

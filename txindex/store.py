@@ -32,6 +32,7 @@ from typing import Any
 from sortedcontainers import SortedList
 
 from .errors import DecodeError, UnorderableValue
+from .fences import equality_key
 from .index import Index
 from .model import ModelInfo
 
@@ -101,6 +102,11 @@ class Store:
         self._indexes: dict[Index[Any], SortedList] = {
             idx: SortedList() for info in self.models for idx in info.indexes
         }
+        # unique indexes also map each key to its items (normally one): a point lookup is then
+        # one dict probe instead of two bisects (external writers may break uniqueness)
+        self._unique: dict[Index[Any], dict[Any, list[IndexItem]]] = {
+            idx: {} for idx in self._indexes if idx.unique
+        }
         self.declared = frozenset(self._indexes)
         self._lock = threading.Lock()
         self._advanced = threading.Condition(self._lock)
@@ -168,6 +174,12 @@ class Store:
         """
         with self._lock:
             hidden, shown = self._changes_since(index, revision)
+            if not hidden and not shown and index in self._unique:
+                key = equality_key(lo, hi)
+                if key is not None:  # a point lookup on a unique index: one dict probe
+                    found = self._unique[index].get(key, ())
+                    items = list(reversed(found)) if reverse else list(found)
+                    return items if limit is None else items[:limit]
             need = None if limit is None else limit + len(hidden)
             items = scan(self._indexes[index], lo, hi, reverse, need)
             if not hidden and not shown:
@@ -213,8 +225,12 @@ class Store:
                 for k in index_keys(idx, entry):
                     items.append((k, entry.pk, entry))
         indexes = {idx: SortedList(items) for idx, items in built.items()}
+        unique: dict[Index[Any], dict[Any, list[IndexItem]]] = {idx: {} for idx in self._unique}
+        for idx, by_key in unique.items():
+            for item in indexes[idx]:
+                by_key.setdefault(item[0], []).append(item)
         with self._advanced:
-            self._data, self._indexes = data, indexes
+            self._data, self._indexes, self._unique = data, indexes, unique
             self._history.clear()
             self._log.clear()
             self.revision = revision
@@ -252,10 +268,17 @@ class Store:
         self._history[key] = (*self._history.get(key, ()), (revision, before))
         for idx in _indexes_of(before, after):
             sl = self._indexes[idx]
-            for k in index_keys(idx, before):
-                sl.remove((k, before.pk, before))  # type: ignore[union-attr]
-            for k in index_keys(idx, after):
-                sl.add((k, after.pk, after))  # type: ignore[union-attr]
+            by_key = self._unique.get(idx)
+            if before is not None:
+                for k in index_keys(idx, before):
+                    sl.remove((k, before.pk, before))
+                    if by_key is not None:
+                        _unlink(by_key, (k, before.pk, before))
+            if after is not None:
+                for k in index_keys(idx, after):
+                    sl.add((k, after.pk, after))
+                    if by_key is not None:
+                        _link(by_key, (k, after.pk, after))
         if after is None:
             del self._data[key]
         else:
@@ -295,6 +318,21 @@ class Store:
             hidden |= now_keys - then_items.keys()
             shown.extend((k, pk, e) for (k, pk), e in then_items.items() if (k, pk) not in now_keys)
         return hidden, shown
+
+def _link(by_key: dict[Any, list[IndexItem]], item: IndexItem) -> None:
+    items = by_key.setdefault(item[0], [])
+    items.append(item)
+    if len(items) > 1:
+        items.sort(key=_order)
+
+
+def _unlink(by_key: dict[Any, list[IndexItem]], item: IndexItem) -> None:
+    items = [it for it in by_key[item[0]] if it[2] is not item[2]]
+    if items:
+        by_key[item[0]] = items
+    else:
+        del by_key[item[0]]
+
 
 def _indexes_of(before: Entry | None, after: Entry | None) -> tuple[Index[Any], ...]:
     if before is not None and after is not None and before.info is not after.info:
