@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from . import _seeded
 from .backend.base import Compare, Delete, Op, Put
 from .errors import Conflict, TxTooLarge
 from .fences import bucket_fence, coarse_fence, equality_key, model_fence, sync_key
@@ -57,6 +58,8 @@ def commit(tx: Transaction) -> int:
     point_keys, fences = _plan_compares(tx)
     failure = [Put(sync_key(db.prefix), b"")]
     validated = tx.revision
+    if _seeded.active:
+        point_keys, fences = _seeded_compares(point_keys, fences)
     for _ in range(db.max_rounds):
         applied = store.revision
         _validate(tx, store.changes(validated, applied))
@@ -157,12 +160,23 @@ def _model_of(infos: dict[str, ModelInfo], key: str) -> ModelInfo:
     raise KeyError(key)
 
 
+def _seeded_compares(points: list[str], fences: list[bytes]) -> tuple[list[str], list[bytes]]:
+    """Apply the seeded bugs of :mod:`txindex._seeded` (tests of the checker only)."""
+    if "drop_compare" in _seeded.active:
+        points = []
+    if "skip_predicate_validation" in _seeded.active:
+        fences = []
+    return points, fences
+
+
 def _validate(tx: Transaction, changes: Iterable[Change]) -> None:
     """Raise ``Conflict`` if any change touches what ``tx`` read."""
+    skip_predicates = "skip_predicate_validation" in _seeded.active
+    drop_points = "drop_compare" in _seeded.active
     for change in changes:
-        if change.key in tx.reads:
+        if change.key in tx.reads and not drop_points:
             raise Conflict(f"{change.key!r} changed since the transaction read it")
-        for pred in tx.predicates:
+        for pred in () if skip_predicates else tx.predicates:
             if _touches(pred, change.before) or _touches(pred, change.after):
                 raise Conflict(
                     f"{pred[0].qualname}: {change.key!r} changed inside a range the "

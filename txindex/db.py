@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from . import _seeded
 from .backend import open_backend
 from .backend.base import Backend
-from .errors import Closed, Conflict, ModelError, Unavailable
+from .errors import Closed, CommitUnknown, Conflict, ModelError, Unavailable
 from .index import Index
 from .model import ModelInfo, check_prefixes, info_of
 from .store import Store
@@ -93,6 +94,9 @@ class DB:
                     raise
                 time.sleep(delay * random.random())
                 delay = min(delay * 2, 0.25)
+            except CommitUnknown:
+                if "blind_retry_unknown" not in _seeded.active or attempt == attempts - 1:
+                    raise
         raise AssertionError("unreachable")
 
     # ---- state ---------------------------------------------------------------------------

@@ -236,15 +236,20 @@ class Store:
             self.revision = revision
             self._advanced.notify_all()
 
-    def apply(self, batches: Sequence[tuple[int, Sequence[tuple[str, Entry | None]]]]) -> None:
+    def apply(
+        self,
+        batches: Sequence[tuple[int, Sequence[tuple[str, Entry | None]]]],
+        *,
+        reindex: bool = True,
+    ) -> None:
         """Apply revision batches atomically: ``(revision, [(key, entry or None)])`` in
         revision order. Revisions at or below the applied one are ignored.
-        O(c log n) for c changed keys."""
+        O(c log n) for c changed keys. ``reindex=False`` exists only for a seeded bug."""
         with self._advanced:
             for revision, updates in batches:
                 if revision <= self.revision:
                     continue
-                changes = [self._apply_one(revision, key, e) for key, e in updates]
+                changes = [self._apply_one(revision, key, e, reindex) for key, e in updates]
                 self._log.append(Batch(revision, tuple(c for c in changes if c is not None)))
                 self.revision = revision
             self._trim()
@@ -261,12 +266,14 @@ class Store:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _apply_one(self, revision: int, key: str, after: Entry | None) -> Change | None:
+    def _apply_one(
+        self, revision: int, key: str, after: Entry | None, reindex: bool = True
+    ) -> Change | None:
         before = self._data.get(key)
         if before is None and after is None:
             return None
         self._history[key] = (*self._history.get(key, ()), (revision, before))
-        for idx in _indexes_of(before, after):
+        for idx in _indexes_of(before, after) if reindex else ():
             sl = self._indexes[idx]
             by_key = self._unique.get(idx)
             if before is not None:

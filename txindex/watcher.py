@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from . import _seeded
 from .backend.base import Backend, Event, KeyValue, WatchStream, prefix_end, successor
 from .errors import Compacted, DecodeError
 from .model import ModelInfo
@@ -171,7 +172,10 @@ class Watcher:
             self._stopping.wait(0.2)
 
     def _follow(self) -> None:
-        stream = self._backend.watch(self._start, self._end, self._store.revision + 1)
+        start = self._store.revision + 1
+        if "watch_from_zero" in _seeded.active and self.stats.reconnects:
+            start = self._backend.current_revision() + 1  # seeded bug: resume "from now"
+        stream = self._backend.watch(self._start, self._end, start)
         self._stream = stream
         waiting = False
         try:
@@ -252,7 +256,8 @@ class Watcher:
             if k not in current or current[k].mod_revision != e.mod_revision
         ]
         updates.extend((k, None) for k in current if k not in fresh)
-        self._store.apply([(revision, updates)])
+        reindex = "resync_without_index_rebuild" not in _seeded.active
+        self._store.apply([(revision, updates)], reindex=reindex)
         self._store.advance(revision)
         self.stats.resyncs += 1
         log.warning("txindex: resynced at revision %d (%d keys changed)", revision, len(updates))
