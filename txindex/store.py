@@ -122,18 +122,21 @@ class Store:
             ):
                 raise TimeoutError(f"cache did not reach revision {min_revision}")
             rev = self.revision
-            self._pins[rev] = self._pins.get(rev, 0) + 1
+            pins = self._pins
+            pins[rev] = pins.get(rev, 0) + 1
             return rev
 
     def unpin(self, revision: int) -> None:
         """Release a pin; history no open snapshot needs is reclaimed. Amortised O(changes)."""
         with self._lock:
-            left = self._pins[revision] - 1
+            pins = self._pins
+            left = pins[revision] - 1
             if left:
-                self._pins[revision] = left
+                pins[revision] = left
             else:
-                del self._pins[revision]
-                self._trim()
+                del pins[revision]
+                if self._log:
+                    self._trim()
 
     def wait_for(self, revision: int, timeout: float | None) -> bool:
         """Block until the applied revision reaches ``revision``; False on timeout."""

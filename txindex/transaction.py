@@ -44,6 +44,11 @@ class Write:
 class Transaction:
     """A snapshot transaction; read-write unless opened with ``db.read()``."""
 
+    __slots__ = (
+        "_db", "_done", "_fenced", "_overlay", "_rev", "_store", "predicates", "reads",
+        "writable", "writes",
+    )
+
     def __init__(self, db: DB, *, writable: bool) -> None:
         self._db = db
         self._store = db._store
@@ -54,7 +59,7 @@ class Transaction:
         self.predicates: list[Predicate] = []
         self.writes: dict[str, Write] = {}
         self._fenced: set[ModelInfo] = set()
-        self._overlay = Overlay()
+        self._overlay: Overlay | None = None  # created by the first write
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -96,7 +101,7 @@ class Transaction:
 
     def _end(self) -> None:
         self._done = True
-        self._overlay = Overlay()
+        self._overlay = None
         if self._rev is not None:
             self._store.unpin(self._rev)
 
@@ -163,14 +168,14 @@ class Transaction:
         lo, hi = index.eq_bounds(value)
         rev = self._record(index, lo, hi)
         n = self._store.count(index, lo, hi, rev)
-        ov = self._overlay.get(index)
+        ov = None if self._overlay is None else self._overlay.get(index)
         return n if ov is None else n + ov.count_delta(lo, hi)
 
     def _query(
         self, index: Index[Any], lo: Any, hi: Any, reverse: bool, limit: int | None
     ) -> list[Any]:
         rev = self._record(index, lo, hi)
-        ov = self._overlay.get(index)
+        ov = None if self._overlay is None else self._overlay.get(index)
         if ov is None:
             return self._store.query(index, lo, hi, rev, reverse=reverse, limit=limit)
         need = None if limit is None else limit + len(ov.removed)
@@ -231,6 +236,8 @@ class Transaction:
                 prev = old.new_keys(idx)
             else:
                 write.old_keys[idx] = prev = index_keys(idx, snap)
+            if self._overlay is None:
+                self._overlay = Overlay()
             self._overlay.replace(idx, write.pk, prev, keys, write.entry)
         if old is None:
             self._fenced.add(write.info)

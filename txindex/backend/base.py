@@ -36,7 +36,9 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class RangePage:
-    """One page of a range read. ``revision`` is the store revision the page was read at."""
+    """One page of a range read. ``revision`` is the server's current revision (the response
+    header), even when an older revision was requested: the first page of a revision-0 read is
+    therefore the revision to pin the following pages at."""
 
     kvs: tuple[KeyValue, ...]
     more: bool
