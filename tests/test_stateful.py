@@ -59,9 +59,13 @@ def brute(view: dict[tuple[type, str], Any], index: str, lo: Any, hi: Any) -> li
 
 class TxMachine(RuleBasedStateMachine):
     url = "memory://"
+    runs = 0  # machines built and invariant checks made: proof the machine really ran
+    checks = 0
+    commits = 0
 
     def __init__(self) -> None:
         super().__init__()
+        TxMachine.runs += 1
         self.db = txindex.open(self.url, models=[Node, User], prefix=f"sm-{uuid.uuid4().hex}/")
         self.committed: dict[tuple[type, str], Any] = {}
         self.view: dict[tuple[type, str], Any] | None = None
@@ -85,6 +89,7 @@ class TxMachine(RuleBasedStateMachine):
     def commit(self) -> None:
         assert self.tx is not None and self.view is not None
         rev = self.tx.commit()
+        TxMachine.commits += rev is not None
         self.committed, self.view, self.tx = self.view, None, None
         if rev is not None:
             assert self.db.wait_for(rev, 10)
@@ -159,6 +164,7 @@ class TxMachine(RuleBasedStateMachine):
 
     @invariant()
     def committed_state_matches(self) -> None:
+        TxMachine.checks += 1
         with self.db.read() as rtx:
             for (cls, pk), obj in self.committed.items():
                 assert rtx.get(cls, pk) == obj
@@ -219,12 +225,16 @@ def test_transactions_and_indexes_match_reference(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
     TxMachine.url = "memory://" if kind == "memory" else request.getfixturevalue("etcd_url")
+    TxMachine.runs = TxMachine.checks = TxMachine.commits = 0
     run_state_machine_as_test(
         TxMachine,
         settings=settings(
-            max_examples=40 if kind == "memory" else 15,
-            stateful_step_count=30,
+            max_examples=150 if kind == "memory" else 50,
+            stateful_step_count=40,
             deadline=None,
             suppress_health_check=list(HealthCheck),
         ),
     )
+    print(f"{kind}: {TxMachine.runs} machines, {TxMachine.checks} checks, "
+          f"{TxMachine.commits} commits")
+    assert TxMachine.runs >= 30 and TxMachine.checks >= 500 and TxMachine.commits >= 50
