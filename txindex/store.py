@@ -44,7 +44,7 @@ IndexItem = tuple[Any, Any, "Entry"]  # (encoded index key, primary key, entry)
 class Entry:
     """One version of one key. ``value`` is the decoded object, or a :class:`DecodeError`."""
 
-    __slots__ = ("info", "key", "mod_revision", "pk", "value")
+    __slots__ = ("broken", "info", "key", "mod_revision", "pk", "value")
 
     def __init__(self, key: str, pk: Any, value: Any, mod_revision: int, info: ModelInfo) -> None:
         self.key = key
@@ -52,10 +52,7 @@ class Entry:
         self.value = value
         self.mod_revision = mod_revision
         self.info = info
-
-    @property
-    def broken(self) -> bool:
-        return isinstance(self.value, DecodeError)
+        self.broken = isinstance(value, DecodeError)
 
     def __repr__(self) -> str:
         return f"Entry({self.key!r}, rev={self.mod_revision})"
@@ -249,13 +246,18 @@ class Store:
         revision order. Revisions at or below the applied one are ignored.
         O(c log n) for c changed keys. ``reindex=False`` exists only for a seeded bug."""
         with self._advanced:
+            # With no snapshot pinned nobody can read an older version (pins are taken under
+            # this lock), so history and change log are only kept while some pin exists.
+            keep = bool(self._pins)
             for revision, updates in batches:
                 if revision <= self.revision:
                     continue
-                changes = [self._apply_one(revision, key, e, reindex) for key, e in updates]
-                self._log.append(Batch(revision, tuple(c for c in changes if c is not None)))
+                changes = [self._apply_one(revision, k, e, reindex, keep) for k, e in updates]
+                if keep:
+                    self._log.append(Batch(revision, tuple(c for c in changes if c is not None)))
                 self.revision = revision
-            self._trim()
+            if self._log:
+                self._trim()
             self._advanced.notify_all()
 
     def advance(self, revision: int) -> None:
@@ -270,12 +272,13 @@ class Store:
     # ---- internals -----------------------------------------------------------------------
 
     def _apply_one(
-        self, revision: int, key: str, after: Entry | None, reindex: bool = True
+        self, revision: int, key: str, after: Entry | None, reindex: bool, keep: bool
     ) -> Change | None:
         before = self._data.get(key)
         if before is None and after is None:
             return None
-        self._history[key] = (*self._history.get(key, ()), (revision, before))
+        if keep:
+            self._history[key] = (*self._history.get(key, ()), (revision, before))
         for idx in _indexes_of(before, after) if reindex else ():
             sl = self._indexes[idx]
             by_key = self._unique.get(idx)
