@@ -20,18 +20,24 @@ from .errors import (
     UnorderableValue,
 )
 from .index import Index
+from .metrics import Metrics, PrometheusMetrics  # observability hook (txindex.metrics)
 from .model import model
+from .notify import Change, Subscription  # db.subscribe (txindex.notify)
 from .transaction import Transaction
 
 __all__ = [
     "DB",
+    "Change",
     "Closed",
     "CommitUnknown",
     "Compacted",
     "Conflict",
     "DecodeError",
     "Index",
+    "Metrics",
     "ModelError",
+    "PrometheusMetrics",
+    "Subscription",
     "Transaction",
     "TxIndexError",
     "TxTooLarge",

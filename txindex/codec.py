@@ -463,6 +463,11 @@ class _Builder:
             return _enum(tp)
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.dataclass(tp)
+        from txindex.adapters import nested_convs  # hook: msgspec/attrs/pydantic classes
+
+        nested = nested_convs(tp, self, where)
+        if nested is not None:
+            return nested
         raise ModelError(
             f"{where}: annotation {tp!r} is not supported by the codec (use str, int, float, "
             "bool, bytes, None, Optional/Union, Literal, Enum, tuple, frozenset, a frozen "

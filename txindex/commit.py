@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import _seeded
 from .backend.base import Compare, Delete, Op, Put
-from .errors import Conflict, TxTooLarge
+from .errors import CommitUnknown, Conflict, TxTooLarge
 from .fences import bucket_fence, coarse_fence, equality_key, model_fence, sync_key
+from .metrics import log_commit_unknown
 from .model import ModelInfo
 from .store import Change, Entry, index_keys
 
@@ -51,6 +52,18 @@ if TYPE_CHECKING:
 
 def commit(tx: Transaction) -> int:
     """Send ``tx``'s writes as one Txn; returns the commit revision."""
+    # hook: txindex.metrics times and counts commits when open() got metrics= (else None)
+    observer = tx._db._observer
+    if observer is not None:
+        return observer.commit(tx, _commit)
+    try:
+        return _commit(tx)
+    except CommitUnknown as exc:  # hook: txindex.metrics logs it (keys only, never values)
+        log_commit_unknown(tx, exc)
+        raise
+
+
+def _commit(tx: Transaction) -> int:
     db = tx._db
     store = tx._store
     ops = _ops(tx)

@@ -6,18 +6,23 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _seeded
 from .backend import open_backend
 from .backend.base import Backend
 from .errors import Closed, CommitUnknown, Conflict, ModelError, Unavailable
 from .index import Index
+from .metrics import Metrics, Observer, safe_url
 from .model import ModelInfo, check_prefixes, info_of
 from .store import Store
 from .transaction import Transaction
 from .watcher import Watcher
+
+if TYPE_CHECKING:  # hooks: txindex.aio / txindex.notify are imported on first use
+    from .aio import AsyncTx
+    from .notify import Change, Notifier, Subscription
 
 log = logging.getLogger("txindex")
 
@@ -45,6 +50,7 @@ class DB:
         timeout: float = 10.0,
         page_size: int = 2000,
         progress_interval: float = 2.0,
+        metrics: Metrics | None = None,
     ) -> None:
         infos = [info_of(m) for m in models]
         if not infos:
@@ -58,8 +64,12 @@ class DB:
         self.timeout = timeout
         self._backend = backend
         self._store = Store(infos)
+        # hook: txindex.metrics (None = no metrics; commit.py and the watcher test for None)
+        self._observer = None if metrics is None else Observer(metrics)
+        self._notifier: Notifier | None = None  # hook: txindex.notify, created by subscribe()
         self._watcher = Watcher(
-            backend, self._store, prefix, page_size=page_size, progress_interval=progress_interval
+            backend, self._store, prefix, page_size=page_size, progress_interval=progress_interval,
+            observer=self._observer,
         )
         self._visible = 0
         self._visible_lock = threading.Lock()
@@ -98,6 +108,43 @@ class DB:
                 if "blind_retry_unknown" not in _seeded.active or attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")
+
+    # ---- asyncio and notifications (txindex.aio, txindex.notify) -------------------------
+
+    def atx(self) -> AsyncTx:
+        """``async with db.atx() as tx``: a read-write transaction whose commit runs in a
+        worker thread, so the event loop never blocks on etcd (see :mod:`txindex.aio`)."""
+        from .aio import AsyncTx
+
+        return AsyncTx(self, writable=True)
+
+    def aread(self) -> AsyncTx:
+        """``async with db.aread() as tx``: a read-only snapshot (see :mod:`txindex.aio`)."""
+        from .aio import AsyncTx
+
+        return AsyncTx(self, writable=False)
+
+    async def atransact(
+        self, fn: Callable[[Transaction], T | Awaitable[T]], attempts: int = 10
+    ) -> T:
+        """``await db.atransact(fn)``: :meth:`transact` for asyncio; ``fn`` may be async."""
+        from .aio import atransact
+
+        return await atransact(self, fn, attempts)
+
+    def subscribe(
+        self, target: Any, callback: Callable[[Change], object] | None = None
+    ) -> Subscription:
+        """Changes to ``(Model, pk)``, a ``Model`` or ``(Model.index, value)``, delivered after
+        the cache applied them: to ``callback`` from a dispatcher thread, or by iterating the
+        returned :class:`~txindex.notify.Subscription` (see :mod:`txindex.notify`)."""
+        self._check_open()
+        from .notify import Notifier
+
+        with self._visible_lock:
+            if self._notifier is None:
+                self._notifier = Notifier(self, self._watcher, self._store)
+        return self._notifier.subscribe(target, callback)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -140,7 +187,10 @@ class DB:
             return
         self._closed = True
         self._watcher.stop()
+        if self._notifier is not None:  # hook: txindex.notify (iterators end)
+            self._notifier.close()
         self._backend.close()
+        log.info("txindex: closed (prefix %r, revision %d)", self.prefix, self._store.revision)
 
     def __enter__(self) -> DB:
         return self
@@ -160,6 +210,9 @@ class DB:
             return self._store.pin(self._visible, self.timeout)
         except TimeoutError:
             self._watcher.nudge()
+            log.warning(
+                "txindex: cache behind revision %d after %.1fs", self._visible, self.timeout
+            )
             raise Unavailable(
                 f"cache has not caught up with this process's last commit "
                 f"(revision {self._visible}) within {self.timeout}s"
@@ -184,6 +237,7 @@ def open(
     max_txn_ops: int = 128,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     timeout: float = 10.0,
+    metrics: Metrics | None = None,
     **backend_options: Any,
 ) -> DB:
     """Open a database over ``url`` and load it.
@@ -192,20 +246,27 @@ def open(
     server started (and stopped on ``close()``) with its data in DIR; ``memory://[NAME]`` an
     in-process store with etcd's semantics (shared by name within the process).
     ``prefix`` scopes every key; ``max_txn_ops`` must match the server's ``--max-txn-ops``.
+    ``metrics`` receives commit latency, conflicts, reconnects, lag... (:mod:`txindex.metrics`).
     """
     backend = open_backend(url, **backend_options)
     try:
-        return DB(
+        db = DB(
             backend,
             models,
             prefix=prefix,
             max_txn_ops=max_txn_ops,
             max_request_bytes=max_request_bytes,
             timeout=timeout,
+            metrics=metrics,
         )
     except BaseException:
         backend.close()
         raise
+    log.info(  # never the backend options (credentials, tokens) nor user info in the URL
+        "txindex: opened %s prefix %r with models %s at revision %d",
+        safe_url(url), prefix, [m.name for m in db.models], db.revision,
+    )
+    return db
 
 
 __all__ = ["DB", "open"]

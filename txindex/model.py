@@ -182,26 +182,35 @@ def model(prefix: str, *, key: str) -> Callable[[type[T]], type[T]]:
         if not isinstance(cls, type):
             raise ModelError(f"@txindex.model decorates a class, got {cls!r}")
         name = cls.__name__
-        if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
-            raise ModelError(
-                f"{name} is not a dataclass; put @dataclass(frozen=True) below @txindex.model"
-            )
-        if not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
-            raise ModelError(
-                f"{name} must be frozen: use @dataclass(frozen=True) (stored objects are "
-                "shared between transactions and must never change)"
-            )
-        try:
-            hints = typing.get_type_hints(cls)
-        except Exception as exc:
-            raise ModelError(f"cannot resolve the annotations of {name}: {exc}") from exc
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for fld in fields.values():
-            if isinstance(fld.default, Index):
+        # hook: txindex.adapters (msgspec Struct, attrs, pydantic); None for a dataclass
+        from txindex.adapters import codec_for, find_adapter
+
+        adapter = find_adapter(cls)
+        fields: dict[str, Any]
+        if adapter is not None:
+            fields = hints = adapter.describe(cls)
+        else:
+            if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
                 raise ModelError(
-                    f"{name}.{fld.name}: an Index must not be a dataclass field; leave it "
-                    "unannotated or annotate it ClassVar[Index[...]]"
+                    f"{name} is not a dataclass; put @dataclass(frozen=True) below "
+                    "@txindex.model (or use a frozen msgspec Struct, attrs or pydantic class)"
                 )
+            if not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+                raise ModelError(
+                    f"{name} must be frozen: use @dataclass(frozen=True) (stored objects are "
+                    "shared between transactions and must never change)"
+                )
+            try:
+                hints = typing.get_type_hints(cls)
+            except Exception as exc:
+                raise ModelError(f"cannot resolve the annotations of {name}: {exc}") from exc
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            for fld in fields.values():
+                if isinstance(fld.default, Index):
+                    raise ModelError(
+                        f"{name}.{fld.name}: an Index must not be a dataclass field; leave it "
+                        "unannotated or annotate it ClassVar[Index[...]]"
+                    )
         if key not in fields:
             raise ModelError(f"{name} has no field {key!r} to use as key (fields: {list(fields)})")
         key_type = hints[key]
@@ -222,7 +231,9 @@ def model(prefix: str, *, key: str) -> Callable[[type[T]], type[T]]:
         for attr, value in cls.__dict__.items():
             if not isinstance(value, Index):
                 continue
-            if _recreated_by_dataclass(value._model, cls):
+            if _recreated_by_dataclass(value._model, cls) or (
+                adapter is not None and adapter.recreated(value._model, cls)  # hook: adapters
+            ):
                 value._model = cls  # @dataclass(slots=True) built a new class from the old body
             if value._model is not cls or value.name != attr:
                 raise ModelError(
@@ -236,7 +247,7 @@ def model(prefix: str, *, key: str) -> Callable[[type[T]], type[T]]:
                         f"(fields: {list(fields)})"
                     )
             indexes.append(value)
-        codec = Codec(cls)
+        codec = Codec(cls) if adapter is None else codec_for(adapter, cls)  # hook: adapters
         info = ModelInfo(cls, prefix, key, key_type, tuple(indexes), codec)
         setattr(cls, _ATTR, info)
         return cls

@@ -15,14 +15,19 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import _seeded
 from .backend.base import Backend, Event, KeyValue, WatchStream, prefix_end, successor
 from .errors import Compacted, DecodeError
 from .model import ModelInfo
 from .store import Entry, Store
+
+if TYPE_CHECKING:
+    from .metrics import Observer
 
 log = logging.getLogger("txindex.watcher")
 
@@ -44,10 +49,17 @@ class WatchStats:
 class Decoder:
     """Turns etcd keys and values under the database prefix into store entries."""
 
-    def __init__(self, prefix: str, models: Sequence[ModelInfo], stats: WatchStats) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        models: Sequence[ModelInfo],
+        stats: WatchStats,
+        observer: Observer | None = None,
+    ) -> None:
         self._prefix = prefix
         self._models = sorted(models, key=lambda m: len(m.prefix), reverse=True)
         self._stats = stats
+        self._observer = observer  # hook: txindex.metrics (None without metrics=)
 
     def entry(self, key: bytes, value: bytes, mod_revision: int) -> tuple[str, Entry] | None:
         """The store key and entry for one KV, or ``None`` if no model claims the key."""
@@ -85,6 +97,8 @@ class Decoder:
             err = exc if isinstance(exc, DecodeError) else DecodeError(skey, str(exc))
             self._stats.decode_errors += 1
             log.error("txindex: %s", err)
+            if self._observer is not None:  # hook: txindex.metrics
+                self._observer.decode_error()
             return Entry(skey, pk, err, rev, info)
 
 
@@ -99,13 +113,23 @@ class Watcher:
         *,
         page_size: int = 2000,
         progress_interval: float = 2.0,
+        observer: Observer | None = None,
     ) -> None:
         self.stats = WatchStats()
+        # Hooks. ``observer``: txindex.metrics (None without metrics=). ``apply_hook``:
+        # txindex.notify installs it while subscriptions exist; it replaces ``store.apply``
+        # (capture, apply, queue for the dispatcher). Both are read under ``hook_lock``
+        # (uncontended: one acquire per watch response) so subscribe() starts at an exact
+        # revision.
+        self._observer = observer
+        self.apply_hook: Callable[[Sequence[tuple[int, list[tuple[str, Entry | None]]]], bool],
+                                  None] | None = None
+        self.hook_lock = threading.Lock()
         self._backend = backend
         self._store = store
         self._start = prefix.encode()
         self._end = prefix_end(self._start) if prefix else b"\x00"
-        self._decoder = Decoder(prefix, store.models, self.stats)
+        self._decoder = Decoder(prefix, store.models, self.stats, observer)
         self._page_size = page_size
         self._progress_interval = progress_interval
         self._stopping = threading.Event()
@@ -116,10 +140,14 @@ class Watcher:
 
     def load(self) -> None:
         """Initial paged load (blocking), then start following the watch."""
+        started = time.monotonic()
         revision, entries = self._read_all()
         self._store.load(revision, entries)
         self.stats.loaded_keys = len(entries)
-        log.info("txindex: loaded %d keys at revision %d", len(entries), revision)
+        log.info(
+            "txindex: loaded %d keys at revision %d in %.3fs (%d decode errors)",
+            len(entries), revision, time.monotonic() - started, self.stats.decode_errors,
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -160,6 +188,8 @@ class Watcher:
                 self.stats.reconnects += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("txindex: watch failed (%s); reconnecting in %.2fs", exc, delay)
+                if self._observer is not None:  # hook: txindex.metrics
+                    self._observer.reconnect()
                 self._stopping.wait(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 2.0)
 
@@ -190,6 +220,8 @@ class Watcher:
                 waiting = False
                 if resp.events:
                     self._apply(resp.events)
+                elif resp.progress and self._observer is not None:  # hook: txindex.metrics
+                    self._observer.progress(resp.revision)
                 # A progress notification only proves the stream is alive: etcd before 3.5.8
                 # may report a revision whose events are still undelivered (etcd #15220), so
                 # the applied revision moves only with events (see commit.sync_key).
@@ -210,7 +242,20 @@ class Watcher:
                 batches[-1][1].append(update)
         self.stats.events += len(events)
         if batches:
-            self._store.apply(batches)
+            self._store_apply(batches)
+            if self._observer is not None:  # hook: txindex.metrics (cache lag)
+                self._observer.applied(self._store.revision)
+
+    def _store_apply(
+        self, batches: Sequence[tuple[int, list[tuple[str, Entry | None]]]], reindex: bool = True
+    ) -> None:
+        # hook: txindex.notify replaces store.apply while subscriptions exist (see __init__)
+        with self.hook_lock:
+            hook = self.apply_hook
+            if hook is None:
+                self._store.apply(batches, reindex=reindex)
+            else:
+                hook(batches, reindex)
 
     def _update(self, ev: Event) -> tuple[str, Entry | None] | None:
         if ev.deleted:
@@ -257,7 +302,10 @@ class Watcher:
         ]
         updates.extend((k, None) for k in current if k not in fresh)
         reindex = "resync_without_index_rebuild" not in _seeded.active
-        self._store.apply([(revision, updates)], reindex=reindex)
+        self._store_apply([(revision, updates)], reindex=reindex)  # hook: txindex.notify
         self._store.advance(revision)
         self.stats.resyncs += 1
         log.warning("txindex: resynced at revision %d (%d keys changed)", revision, len(updates))
+        if self._observer is not None:  # hook: txindex.metrics
+            self._observer.resync()
+            self._observer.applied(revision)

@@ -1,0 +1,107 @@
+"""asyncio support: ``async with db.atx()``, ``async with db.aread()``, ``await db.atransact(fn)``.
+
+::
+
+    async with db.atx() as tx:            # a plain Transaction: reads and puts are local
+        node = tx.get(Node, "n1")          # and synchronous (no network, microseconds)
+        tx.put(replace(node, user="bob"))
+    # the commit ran in a worker thread; the event loop kept running meanwhile
+
+    async with db.aread() as tx:          # read-only snapshot
+        tx.find(Node.by_user, "alice")
+
+    await db.atransact(fn, attempts=10)    # fn(tx) may be sync or async; retried on Conflict
+
+Nothing here blocks the loop on the network: the commit (one or more etcd round trips) runs in
+the loop's default executor, and so does the one wait a transaction's first read can need (the
+cache catching up with this process's last commit, for read-your-writes). Each transaction is
+still used by one task at a time; it is handed to the worker thread only to commit.
+
+Cancellation: a task cancelled while its commit runs gets ``CancelledError``, but the commit
+itself is not interrupted and may be applied (treat it like ``CommitUnknown``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from .errors import Conflict
+from .transaction import Transaction
+
+if TYPE_CHECKING:
+    from .db import DB
+
+__all__ = ["AsyncTx", "atransact"]
+
+T = TypeVar("T")
+
+
+class AsyncTx:
+    """``async with`` wrapper of one :class:`~txindex.transaction.Transaction`: commits (in a
+    worker thread) on a clean exit of a read-write transaction, rolls back otherwise."""
+
+    __slots__ = ("_db", "_tx", "_writable")
+
+    def __init__(self, db: DB, *, writable: bool) -> None:
+        db._check_open()
+        self._db = db
+        self._writable = writable
+        self._tx: Transaction | None = None
+
+    async def __aenter__(self) -> Transaction:
+        db = self._db
+        store = db._store
+        if store.revision < db._visible:
+            # Read-your-writes: the snapshot must include this process's last commit; wait
+            # for the watcher off the loop (the fast path above costs nothing).
+            await asyncio.to_thread(_wait_visible, db)
+        tx = Transaction(db, writable=self._writable)
+        tx._pin()  # no wait now (unless another commit landed in between: rare, and short)
+        self._tx = tx
+        return tx
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        tx = self._tx
+        assert tx is not None
+        if tx._done:
+            return
+        if exc_type is None and self._writable:
+            if tx.writes:
+                await asyncio.to_thread(tx.commit)
+            else:
+                tx.commit()  # nothing to send: ends the transaction without a thread hop
+        else:
+            tx.rollback()
+
+
+def _wait_visible(db: DB) -> None:
+    db._watcher.nudge()
+    db._store.wait_for(db._visible, db.timeout)  # on timeout the pin raises Unavailable
+
+
+async def atransact(
+    db: DB, fn: Callable[[Transaction], T | Awaitable[T]], attempts: int = 10
+) -> T:
+    """Run ``fn(tx)`` (sync, or async and awaited) in ``db.atx()`` and commit, retrying the
+    whole ``fn`` on ``Conflict`` with jittered exponential backoff (``asyncio.sleep``), at most
+    ``attempts`` times. ``CommitUnknown`` propagates."""
+    if attempts < 1:
+        raise ValueError("attempts must be >= 1")
+    delay = 0.002
+    for attempt in range(attempts):
+        try:
+            async with AsyncTx(db, writable=True) as tx:
+                result = fn(tx)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+        except Conflict:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(delay * random.random())
+            delay = min(delay * 2, 0.25)
+    raise AssertionError("unreachable")

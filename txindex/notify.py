@@ -1,0 +1,293 @@
+"""Change notifications: ``db.subscribe(target, callback=None)``.
+
+``target`` is one of
+
+* ``(Model, pk)``: one object;
+* ``Model``: every object of a model;
+* ``(Model.index, value)``: every object whose ``index`` key equals ``value`` before or after
+  the change (so an object moving out of the query is reported too).
+
+A :class:`Change` carries ``revision``, ``key`` (the store key, ``"nodes/n1"``), ``pk``,
+``old`` and ``new`` (the object before and after; ``None`` for absent; a
+:class:`~txindex.errors.DecodeError` for a stored value that does not decode).
+
+Delivery: after the watcher has applied a revision to the store, its changes are queued to one
+dispatcher thread per DB, which calls callbacks (or fills iterator queues) in revision order,
+never under a store lock: a callback may open ``db.read()`` and sees at least that revision.
+Each matching key change is delivered once per subscription; a revision that changes several
+matching keys gives several changes with the same revision. Changes with a revision above
+``Subscription.revision`` are all delivered: the applied revision when ``subscribe`` returned,
+or this process's last commit if that is later (the state a ``db.read()`` opened then sees);
+a resync after compaction reports the net change of each key at the resync revision.
+
+Without a callback the subscription is an iterator (``for change in sub``) that blocks until
+the next change and ends after :meth:`Subscription.close` (or ``db.close()``). A callback that
+raises is logged and keeps its subscription. Queues are unbounded: a slow consumer costs memory,
+not correctness. When no subscription is open the watcher skips all of this (one ``is None``
+test per watch response).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import Closed, ModelError
+from .index import Index
+from .model import ModelInfo, info_of
+from .store import Entry, Store, index_keys
+
+if TYPE_CHECKING:
+    from .db import DB
+    from .watcher import Watcher
+
+__all__ = ["Change", "Subscription"]
+
+log = logging.getLogger("txindex.notify")
+
+Updates = Sequence[tuple[int, Sequence[tuple[str, Entry | None]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One key changed at one applied revision."""
+
+    revision: int
+    key: str
+    pk: Any
+    old: Any
+    new: Any
+
+
+_END: Any = object()
+
+
+class Subscription:
+    """An open subscription (see the module doc). Iterable when created without a callback;
+    a context manager that closes it."""
+
+    def __init__(
+        self,
+        notifier: Notifier,
+        kind: str,
+        info: ModelInfo,
+        match: Any,
+        callback: Callable[[Change], object] | None,
+    ) -> None:
+        self._notifier = notifier
+        self.kind = kind  # "key" | "model" | "index"
+        self.info = info
+        self.match = match  # the store key, the ModelInfo, or (index, lo, hi)
+        self.callback = callback
+        self.revision = 0  # set by subscribe: changes above it are delivered
+        self.closed = False
+        self._queue: queue.SimpleQueue[Any] | None = None if callback else queue.SimpleQueue()
+
+    def close(self) -> None:
+        """Stop delivery; an iterator ends after the changes already queued. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._notifier.remove(self)
+            if self._queue is not None:
+                self._queue.put(_END)
+
+    def get(self, timeout: float | None = None) -> Change | None:
+        """The next change; ``None`` after ``timeout`` seconds or once closed and drained."""
+        if self._queue is None:
+            raise TypeError("this subscription delivers to its callback; it has no queue")
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if item is _END:
+            self._queue.put(_END)  # stay ended for later calls
+            return None
+        change: Change = item
+        return change
+
+    def __iter__(self) -> Iterator[Change]:
+        if self._queue is None:
+            raise TypeError("this subscription delivers to its callback; it is not iterable")
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Change]:
+        while True:
+            change = self.get()
+            if change is None:
+                return
+            yield change
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _deliver(self, change: Change) -> None:
+        if self.closed:
+            return
+        if self._queue is not None:
+            self._queue.put(change)
+            return
+        assert self.callback is not None
+        try:
+            self.callback(change)
+        except Exception:
+            log.exception("txindex: subscription callback raised on %s; continuing", change.key)
+
+    def _wants(self, change: Change, before: Entry | None, after: Entry | None) -> bool:
+        if change.revision <= self.revision:
+            return False
+        if self.kind == "key":
+            return bool(change.key == self.match)
+        if self.kind == "model":
+            return (before is not None and before.info is self.info) or (
+                after is not None and after.info is self.info
+            )
+        index, lo, hi = self.match
+        return _touches(index, lo, hi, before) or _touches(index, lo, hi, after)
+
+
+def _touches(index: Index[Any], lo: Any, hi: Any, entry: Entry | None) -> bool:
+    if entry is None:
+        return False
+    for k in index_keys(index, entry):
+        pair = (k, entry.pk)
+        if pair >= lo and pair < hi:
+            return True
+    return False
+
+
+class Notifier:
+    """Internal: one per DB. Installs the watcher's apply hook while subscriptions exist and
+    runs the dispatcher thread."""
+
+    def __init__(self, db: DB, watcher: Watcher, store: Store) -> None:
+        self._db = db
+        self._watcher = watcher
+        self._store = store
+        self._lock = threading.Lock()
+        self._subs: list[Subscription] = []
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---- subscriptions (user threads) ----------------------------------------------------
+
+    def subscribe(
+        self, target: Any, callback: Callable[[Change], object] | None = None
+    ) -> Subscription:
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {callback!r}")
+        sub = self._make(target, callback)
+        if sub.info not in self._store.models:
+            raise ModelError(f"{sub.info.name} is not a model of this database")
+        with self._lock:
+            if self._closed:
+                raise Closed("database is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="txindex-notify", daemon=True
+                )
+                self._thread.start()
+            self._subs.append(sub)
+            # The watcher applies under ``hook_lock`` and reads ``apply_hook`` inside it, so
+            # every revision above the one read here goes through the hook.
+            with self._watcher.hook_lock:
+                self._watcher.apply_hook = self._apply
+                # read-your-writes: this process's own commits count as already seen
+                sub.revision = max(self._store.revision, self._db._visible)
+        return sub
+
+    def _make(self, target: Any, callback: Callable[[Change], object] | None) -> Subscription:
+        if isinstance(target, type):
+            return Subscription(self, "model", info_of(target), None, callback)
+        if isinstance(target, tuple) and len(target) == 2:
+            first, value = target
+            if isinstance(first, Index):
+                if first not in self._store.declared:
+                    raise ModelError(f"{first!r} is not an index of a model of this database")
+                lo, hi = first.eq_bounds(value)
+                info = info_of(first.model)
+                return Subscription(self, "index", info, (first, lo, hi), callback)
+            if isinstance(first, type):
+                info = info_of(first)
+                key = info.prefix + info.key_suffix(value)
+                return Subscription(self, "key", info, key, callback)
+        raise TypeError(
+            "subscribe() takes (Model, pk), a Model class, or (Model.index, value); "
+            f"got {target!r}"
+        )
+
+    def remove(self, sub: Subscription) -> None:
+        with self._lock:
+            if sub in self._subs:
+                self._subs.remove(sub)
+            if not self._subs:
+                with self._watcher.hook_lock:
+                    self._watcher.apply_hook = None
+
+    def close(self) -> None:
+        """Close every subscription (iterators end) and stop the dispatcher."""
+        with self._lock:
+            self._closed = True
+            subs = list(self._subs)
+        for sub in subs:
+            sub.close()
+        thread = self._thread
+        if thread is not None:
+            self._queue.put(_END)
+            if thread is not threading.current_thread():
+                thread.join(timeout=10)
+
+    # ---- the watcher hook (watcher thread, under Watcher.hook_lock) ----------------------
+
+    def _apply(self, batches: Updates, reindex: bool) -> None:
+        """Capture the entries each update replaces, apply, then queue the changes."""
+        revision = self._store.revision
+        current: dict[str, Entry | None] = {}
+        out: list[tuple[int, list[tuple[str, Entry | None, Entry | None]]]] = []
+        for rev, updates in batches:
+            if rev <= revision:
+                continue
+            triples = []
+            for key, after in updates:
+                before = current[key] if key in current else self._store.get(key, revision)
+                current[key] = after
+                if before is not None or after is not None:
+                    triples.append((key, before, after))
+            if triples:
+                out.append((rev, triples))
+        self._store.apply(batches, reindex=reindex)
+        if out:
+            self._queue.put(out)
+
+    # ---- the dispatcher thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            with self._lock:
+                subs = list(self._subs)
+            if not subs:
+                continue
+            for rev, triples in item:
+                for key, before, after in triples:
+                    change: Change | None = None
+                    for sub in subs:
+                        if change is None:
+                            e = after or before
+                            assert e is not None
+                            change = Change(
+                                rev, key, e.pk,
+                                None if before is None else before.value,
+                                None if after is None else after.value,
+                            )
+                        if sub._wants(change, before, after):
+                            sub._deliver(change)
