@@ -310,3 +310,12 @@ def test_concurrent_threads_see_consistent_snapshots(make_db: MakeDB) -> None:
     assert bad == []
     with db.read() as r:
         assert r.get(Counter, 1) == Counter(1, 20) and r.get(Counter, 2) == Counter(2, 80)
+
+
+def test_read_your_writes_across_handles_in_one_process(make_db: MakeDB) -> None:
+    writer, reader = make_db(), make_db()
+    for i in range(20):
+        with writer.tx() as tx:
+            tx.put(Counter(1, i))
+        with reader.read() as tx:  # another handle on the same server: waits for the commit
+            assert tx.get(Counter, 1) == Counter(1, i)

@@ -51,6 +51,7 @@ class DB:
         page_size: int = 2000,
         progress_interval: float = 2.0,
         metrics: Metrics | None = None,
+        visibility_key: str | None = None,
     ) -> None:
         infos = [info_of(m) for m in models]
         if not infos:
@@ -71,7 +72,7 @@ class DB:
             backend, self._store, prefix, page_size=page_size, progress_interval=progress_interval,
             observer=self._observer,
         )
-        self._visible = 0
+        self._visible_cell = _visibility(visibility_key)
         self._visible_lock = threading.Lock()
         self._closed = False
         self._watcher.load()
@@ -90,7 +91,8 @@ class DB:
 
     def transact(self, fn: Callable[[Transaction], T], attempts: int = 10) -> T:
         """Run ``fn(tx)`` in a transaction and commit it, retrying the whole ``fn`` on
-        ``Conflict`` with jittered exponential backoff, at most ``attempts`` times.
+        ``Conflict`` (and ``Unavailable``: no request was sent) with jittered exponential
+        backoff, at most ``attempts`` times.
         ``CommitUnknown`` is never retried blindly; it propagates."""
         if attempts < 1:
             raise ValueError("attempts must be >= 1")
@@ -99,7 +101,7 @@ class DB:
             try:
                 with self.tx() as tx:
                     return fn(tx)
-            except Conflict:
+            except (Conflict, Unavailable):  # Unavailable: nothing was sent, or cache behind
                 if attempt == attempts - 1:
                     raise
                 time.sleep(delay * random.random())
@@ -218,15 +220,44 @@ class DB:
                 f"(revision {self._visible}) within {self.timeout}s"
             ) from None
 
+    @property
+    def _visible(self) -> int:
+        """The newest commit revision of this process on this server (read-your-writes)."""
+        return self._visible_cell.revision
+
     def _committed(self, revision: int) -> None:
-        with self._visible_lock:
-            if revision > self._visible:
-                self._visible = revision
+        self._visible_cell.advance(revision)
 
     def _catch_up(self, revision: int) -> None:
         self._watcher.nudge()
         if not self._store.wait_for(revision, self.timeout):
             raise Conflict(f"cache did not reach revision {revision} to re-validate")
+
+
+class _Visibility:
+    """The newest commit revision made through any DB handle on one server in this process."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self._lock = threading.Lock()
+
+    def advance(self, revision: int) -> None:
+        with self._lock:
+            if revision > self.revision:
+                self.revision = revision
+
+
+_VISIBILITY: dict[str, _Visibility] = {}
+_VISIBILITY_LOCK = threading.Lock()
+
+
+def _visibility(key: str | None) -> _Visibility:
+    """Handles opened on the same URL share one cell, so read-your-writes holds across them
+    within the process; ``None`` (a private store) gets its own."""
+    if key is None:
+        return _Visibility()
+    with _VISIBILITY_LOCK:
+        return _VISIBILITY.setdefault(key, _Visibility())
 
 
 def open(
@@ -258,6 +289,7 @@ def open(
             max_request_bytes=max_request_bytes,
             timeout=timeout,
             metrics=metrics,
+            visibility_key=None if url.rstrip("/") == "memory:" else url,
         )
     except BaseException:
         backend.close()
