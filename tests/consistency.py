@@ -81,8 +81,8 @@ def _decode(info: ModelInfo, skey: str, data: bytes) -> Any:
         if info.key_suffix(info.pk(obj)) != skey[len(info.prefix):]:
             raise ValueError("key does not match primary key")
         return obj
-    except Exception as exc:
-        return ("DecodeError", type(exc).__name__)
+    except Exception:  # any reason the cache would hold a DecodeError for (see _cached_value)
+        return ("DecodeError", "DecodeError")
 
 
 def _cached_value(value: Any) -> Any:

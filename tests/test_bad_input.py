@@ -1,0 +1,285 @@
+"""Bad input catalogue: one test per case, all in one place. Each case gets a clear typed error
+(or a documented, harmless outcome); afterwards the watcher is alive, a previously committed
+object is intact and the cache still equals etcd (tests/consistency.py)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import txindex
+from txindex import (
+    DB,
+    Closed,
+    DecodeError,
+    Index,
+    ModelError,
+    TxTooLarge,
+    UniqueViolation,
+    UnorderableValue,
+)
+from txindex.backend import EtcdBackend
+from txindex.backend.base import Delete, Put
+from txindex.server import EtcdServer
+
+from .consistency import assert_converged
+from .models import MODELS, Counter, Node, User
+
+SENTINEL = Node("sentinel", "keep", "1.1.1.1")
+
+
+@pytest.fixture
+def raw(etcd_server: EtcdServer) -> Iterator[EtcdBackend]:
+    b = EtcdBackend([etcd_server.endpoint], timeout=3.0)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def db(etcd_url: str, prefix: str, raw: EtcdBackend) -> Iterator[DB]:
+    d = txindex.open(etcd_url, models=MODELS, prefix=prefix)
+    with d.tx() as tx:
+        tx.put(SENTINEL)
+    yield d
+    # every case ends healthy: watcher alive, committed data intact, cache == etcd
+    assert d._watcher.alive, d._watcher.stats
+    assert_converged(d, raw, prefix)
+    with d.read() as r:
+        assert r.get(Node, "sentinel") == SENTINEL
+    d.close()
+
+
+def raw_put(raw: EtcdBackend, db: DB, key: str, value: bytes) -> int:
+    rev = raw.txn([], [Put((db.prefix + key).encode(), value)]).revision
+    assert db.wait_for(rev, 10)
+    return rev
+
+
+def drop(raw: EtcdBackend, db: DB, key: str) -> None:
+    rev = raw.txn([], [Delete((db.prefix + key).encode())]).revision
+    assert db.wait_for(rev, 10)
+
+
+def bad_value(db: DB, raw: EtcdBackend, key: str, value: bytes, cls: Any, pk: Any) -> DecodeError:
+    before = db._watcher.stats.decode_errors
+    raw_put(raw, db, key, value)
+    with db.read() as r, pytest.raises(DecodeError) as info:
+        r.get(cls, pk)
+    assert info.value.key == key
+    assert db._watcher.stats.decode_errors == before + 1
+    return info.value
+
+
+def test_value_not_json(db: DB, raw: EtcdBackend) -> None:
+    err = bad_value(db, raw, "nodes/x", b"{not json", Node, "x")
+    assert "JSON" in err.reason
+
+
+def test_value_not_utf8(db: DB, raw: EtcdBackend) -> None:
+    err = bad_value(db, raw, "nodes/x", b"\xff\xfe\x00", Node, "x")
+    assert "UTF-8" in err.reason
+
+
+def test_json_wrong_shape(db: DB, raw: EtcdBackend) -> None:
+    bad_value(db, raw, "nodes/x", b'["x", "alice"]', Node, "x")
+
+
+def test_json_wrong_field_type(db: DB, raw: EtcdBackend) -> None:
+    err = bad_value(db, raw, "nodes/x", b'{"id":"x","user":5,"ip":"9.9.9.9"}', Node, "x")
+    assert "user" in err.reason
+
+
+def test_json_missing_field(db: DB, raw: EtcdBackend) -> None:
+    bad_value(db, raw, "nodes/x", b'{"id":"x"}', Node, "x")
+
+
+def test_key_and_primary_key_disagree(db: DB, raw: EtcdBackend) -> None:
+    bad_value(db, raw, "nodes/x", b'{"id":"y","user":"u","ip":"9.9.9.9"}', Node, "x")
+    drop(raw, db, "nodes/x")  # tests/consistency.py names this error differently: clean up
+
+
+def test_non_canonical_int_key(db: DB, raw: EtcdBackend) -> None:
+    raw_put(raw, db, "counters/007", b'{"n":7,"value":1}')
+    assert db._watcher.stats.decode_errors == 1
+    with db.read() as r:
+        assert r.get(Counter, 7) is None  # the canonical key is absent
+    drop(raw, db, "counters/007")
+
+
+def test_decode_error_then_valid_write_recovers(db: DB, raw: EtcdBackend) -> None:
+    bad_value(db, raw, "users/bob", b"garbage", User, "bob")
+    raw_put(raw, db, "users/bob", b'{"name":"bob","team":"red"}')
+    with db.read() as r:
+        assert r.get(User, "bob") == User("bob", "red")
+        assert r.find(User.by_team, "red") == [User("bob", "red")]
+
+
+def test_undecodable_value_stays_out_of_indexes(db: DB, raw: EtcdBackend) -> None:
+    bad_value(db, raw, "nodes/x", b'{"id":"x","user":"keep"}', Node, "x")
+    with db.read() as r:
+        assert r.find(Node.by_user, "keep") == [SENTINEL]
+
+
+def test_unclaimed_key_under_prefix(db: DB, raw: EtcdBackend) -> None:
+    before = db._watcher.stats.unclaimed_keys
+    raw_put(raw, db, "nobody/owns-this", b"whatever")
+    assert db._watcher.stats.unclaimed_keys == before + 1
+    assert db._watcher.stats.decode_errors == 0
+
+
+def test_oversized_value(db: DB) -> None:
+    with db.tx() as tx, pytest.raises(TxTooLarge, match="max-request-bytes"):
+        tx.put(Node("big", "u", "2.2.2.2", ("x" * (2 << 20),)))
+        tx.commit()
+
+
+def test_too_many_bytes_in_one_transaction(db: DB) -> None:
+    with pytest.raises(TxTooLarge), db.tx() as tx:
+        for i in range(20):
+            tx.put(User(f"u{i}", "t" * 100_000))
+
+
+def test_more_operations_than_one_txn(db: DB) -> None:
+    with db.tx() as tx, pytest.raises(TxTooLarge, match="max-txn-ops"):
+        for i in range(200):
+            tx.put(Counter(i, i))
+
+
+def test_key_written_twice_in_one_transaction(db: DB) -> None:
+    """Not an error: the write set keeps one write per key (etcd rejects duplicate keys in
+    one Txn, so txindex must never send both): the last put wins."""
+    with db.tx() as tx:
+        tx.put(Counter(1, 1))
+        tx.put(Counter(1, 2))
+        assert len(tx.writes) == 1
+    with db.read() as r:
+        assert r.get(Counter, 1) == Counter(1, 2)
+
+
+def test_unique_clash(db: DB) -> None:
+    with db.tx() as tx, pytest.raises(UniqueViolation) as info:
+        tx.put(Node("other", "u", SENTINEL.ip))
+    assert (info.value.index, info.value.value, info.value.holder) == (
+        "Node.by_ip", SENTINEL.ip, "sentinel")
+
+
+def test_transaction_used_after_commit(db: DB) -> None:
+    tx = db.tx()
+    tx.put(Counter(2, 1))
+    tx.commit()
+    with pytest.raises(Closed):
+        tx.get(Counter, 2)
+    with pytest.raises(Closed):
+        tx.put(Counter(2, 3))
+
+
+def test_transaction_used_after_rollback(db: DB) -> None:
+    tx = db.tx()
+    tx.put(Counter(3, 1))
+    tx.rollback()
+    with pytest.raises(Closed):
+        tx.find(Node.by_user, "keep")
+    with db.read() as r:
+        assert r.get(Counter, 3) is None
+
+
+def test_closed_db(etcd_url: str, prefix: str) -> None:
+    d = txindex.open(etcd_url, models=MODELS, prefix=prefix)
+    d.close()
+    with pytest.raises(Closed):
+        d.tx()
+    with pytest.raises(Closed):
+        d.read()
+
+
+def test_unorderable_index_value(db: DB) -> None:
+    @txindex.model("things/", key="id")
+    @dataclass(frozen=True)
+    class Thing:
+        id: str
+        score: Any = None
+
+        by_score = Index("score")
+
+    with txindex.open(f"memory://bad-{id(db)}", models=[Thing]) as mem:
+        with mem.tx() as tx, pytest.raises(UnorderableValue, match="by_score"):
+            tx.put(Thing("a", {"x": 1}))
+        with mem.read() as r:
+            assert r.get(Thing, "a") is None
+
+
+def test_model_with_mutable_field() -> None:
+    with pytest.raises(ModelError, match="mutable"):
+        @txindex.model("bad/", key="id")
+        @dataclass(frozen=True)
+        class Bad:
+            id: str
+            tags: list[str]
+
+
+def test_model_prefix_without_slash() -> None:
+    with pytest.raises(ModelError, match="must end with '/'"):
+        txindex.model("bad", key="id")
+
+
+def test_open_without_models(etcd_url: str, prefix: str) -> None:
+    with pytest.raises(ModelError):
+        txindex.open(etcd_url, models=[], prefix=prefix)
+
+
+def test_put_of_a_non_model_object(db: DB) -> None:
+    with db.tx() as tx, pytest.raises(ModelError):
+        tx.put({"id": "n1"})
+
+
+def test_put_with_wrong_field_type(db: DB) -> None:
+    with db.tx() as tx, pytest.raises(ModelError, match="user"):
+        tx.put(Node("n1", 5, "3.3.3.3"))  # type: ignore[arg-type]
+
+
+def test_put_with_nan_field(db: DB) -> None:
+    with db.tx() as tx, pytest.raises(ModelError, match="last_seen"):
+        tx.put(Node("n1", "u", "3.3.3.4", (), math.nan))
+
+
+def test_write_in_read_only_transaction(db: DB) -> None:
+    with db.read() as r, pytest.raises(ModelError, match="read-only"):
+        r.put(Counter(4, 1))
+
+
+def test_query_of_foreign_index(db: DB) -> None:
+    @txindex.model("elsewhere/", key="id")
+    @dataclass(frozen=True)
+    class Elsewhere:
+        id: str
+        by_id = Index("id")
+
+    with db.read() as r, pytest.raises(ModelError, match="not an index"):
+        r.find(Elsewhere.by_id, "x")
+
+
+def test_primary_key_of_wrong_type(db: DB) -> None:
+    with db.read() as r, pytest.raises(ModelError):
+        r.get(Counter, "not-an-int")
+
+
+def test_negative_range_limit(db: DB) -> None:
+    with db.read() as r, pytest.raises(ValueError):
+        r.range(Node.by_user, limit=-1)
+
+
+def test_transact_with_zero_attempts(db: DB) -> None:
+    with pytest.raises(ValueError):
+        db.transact(lambda tx: None, attempts=0)
+
+
+def test_error_inside_transaction_leaves_no_trace(db: DB) -> None:
+    with pytest.raises(ZeroDivisionError), db.tx() as tx:
+        tx.put(Counter(5, 1))
+        _ = 1 / 0
+    with db.read() as r:
+        assert r.get(Counter, 5) is None
