@@ -1,14 +1,20 @@
-"""The ``txindex`` command line: ``demo``, ``stats`` and ``query``."""
+"""The ``txindex`` command line: ``demo``, ``stats`` and ``query``.
+
+``stats`` and ``query`` load the whole prefix before answering; while they do, a progress line
+goes to stderr (``--progress`` / ``--no-progress``; default: only when stderr is a terminal).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import sys
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import txindex
 
@@ -25,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--prefix", default="", help="the database's key prefix")
         p.add_argument("--model", action="append", required=True,
                        help="pkg.module:Class (repeatable)")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="show load progress on stderr (default: when stderr is a terminal)")
     query = sub.choices["query"]
     query.add_argument("--index", required=True, help="Class.index")
     query.add_argument("--key", help="a JSON value: find objects with this index key")
@@ -38,12 +46,94 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo_module.run(args.dir, args.nodes)
         return 0
     models = [_load(spec) for spec in args.model]
-    with txindex.open(args.url, models=models, prefix=args.prefix) as db:
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    with _open(args.url, models, args.prefix, LoadProgress(sys.stderr) if show else None) as db:
         if args.command == "stats":
             print(json.dumps(db.stats(), indent=2, sort_keys=True))
         else:
             _query(db, models, args)
     return 0
+
+
+class LoadProgress:
+    """A plain stderr progress line for the initial load, redrawn in place (``\\r``) at most
+    every ``interval`` seconds. Call it as ``progress(loaded_keys)`` or
+    ``progress(loaded_keys, total_keys)`` (a bar when the total is known); :meth:`done` ends
+    the line with the final count."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: IO[str], *, interval: float = 0.1) -> None:
+        self._stream = stream
+        self._interval = interval
+        self._start = time.monotonic()
+        self._last = -interval
+        self._drawn = False
+        self.loaded = 0
+        self.total: int | None = None
+
+    def __call__(self, loaded_keys: int, total_keys: int | None = None) -> None:
+        self.loaded = loaded_keys
+        if total_keys is not None:
+            self.total = total_keys
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._draw(now)
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((time.monotonic() if now is None else now) - self._start, 1e-9)
+        rate = f"{self.loaded / elapsed:,.0f} keys/s"
+        if self.total:
+            frac = min(self.loaded / self.total, 1.0)
+            filled = int(frac * self.WIDTH)
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            return (
+                f"loading [{bar}] {frac:4.0%} {self.loaded:,}/{self.total:,} keys, {rate}"
+            )
+        return f"loading {self.loaded:,} keys, {rate}"
+
+    def _draw(self, now: float) -> None:
+        self._stream.write("\r" + self.line(now) + "\x1b[K")
+        self._stream.flush()
+        self._drawn = True
+
+    def abort(self) -> None:
+        """End a drawn line (the load failed; its error follows on its own line)."""
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+
+    def done(self, keys: int) -> None:
+        self.loaded = max(self.loaded, keys)
+        elapsed = time.monotonic() - self._start
+        prefix = "\r" if self._drawn else ""
+        self._stream.write(f"{prefix}loaded {keys:,} keys in {elapsed:.1f}s\x1b[K\n")
+        self._stream.flush()
+
+
+def load_progress_supported() -> bool:
+    """True if ``txindex.open`` takes ``on_load_progress`` (a callback the load calls with
+    the number of keys loaded so far)."""
+    return "on_load_progress" in inspect.signature(txindex.open).parameters
+
+
+def _open(
+    url: str, models: list[type[Any]], prefix: str, progress: LoadProgress | None
+) -> txindex.DB:
+    if progress is None:
+        return txindex.open(url, models=models, prefix=prefix)
+    try:
+        if load_progress_supported():
+            db = txindex.open(url, models=models, prefix=prefix, on_load_progress=progress)
+        else:  # no load hook in this txindex: show the start, then the result
+            progress(0)
+            db = txindex.open(url, models=models, prefix=prefix)
+    except BaseException:
+        progress.abort()
+        raise
+    progress.done(int(db.stats()["keys"]))
+    return db
 
 
 def _load(spec: str) -> type[Any]:

