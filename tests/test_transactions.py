@@ -319,3 +319,19 @@ def test_read_your_writes_across_handles_in_one_process(make_db: MakeDB) -> None
             tx.put(Counter(1, i))
         with reader.read() as tx:  # another handle on the same server: waits for the commit
             assert tx.get(Counter, 1) == Counter(1, i)
+
+
+def test_load_progress_is_reported_per_page(make_db: MakeDB) -> None:
+    with make_db().tx() as tx:
+        for i in range(100):
+            tx.put(Counter(i))
+    seen: list[int] = []
+    make_db(on_load_progress=seen.append)
+    assert seen and seen == sorted(seen) and seen[-1] >= 100
+
+    def broken(n: int) -> None:
+        raise RuntimeError("display failed")
+
+    db = make_db(on_load_progress=broken)  # a failing display never breaks the load
+    with db.read() as tx:
+        assert tx.get(Counter, 99) == Counter(99)

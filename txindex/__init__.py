@@ -7,12 +7,14 @@ processes, index queries included.
 
 from .db import DB, open
 from .errors import (
+    AuthError,
     Closed,
     CommitUnknown,
     Compacted,
     Conflict,
     DecodeError,
     ModelError,
+    RequestRejected,
     TxIndexError,
     TxTooLarge,
     Unavailable,
@@ -27,6 +29,7 @@ from .transaction import Transaction
 
 __all__ = [
     "DB",
+    "AuthError",
     "Change",
     "Closed",
     "CommitUnknown",
@@ -37,6 +40,7 @@ __all__ = [
     "Metrics",
     "ModelError",
     "PrometheusMetrics",
+    "RequestRejected",
     "Subscription",
     "Transaction",
     "TxIndexError",

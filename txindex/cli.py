@@ -7,9 +7,7 @@ goes to stderr (``--progress`` / ``--no-progress``; default: only when stderr is
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
-import inspect
 import json
 import sys
 import time
@@ -17,6 +15,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 import txindex
+from txindex.model import info_of
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,23 +111,13 @@ class LoadProgress:
         self._stream.flush()
 
 
-def load_progress_supported() -> bool:
-    """True if ``txindex.open`` takes ``on_load_progress`` (a callback the load calls with
-    the number of keys loaded so far)."""
-    return "on_load_progress" in inspect.signature(txindex.open).parameters
-
-
 def _open(
     url: str, models: list[type[Any]], prefix: str, progress: LoadProgress | None
 ) -> txindex.DB:
     if progress is None:
         return txindex.open(url, models=models, prefix=prefix)
     try:
-        if load_progress_supported():
-            db = txindex.open(url, models=models, prefix=prefix, on_load_progress=progress)
-        else:  # no load hook in this txindex: show the start, then the result
-            progress(0)
-            db = txindex.open(url, models=models, prefix=prefix)
+        db = txindex.open(url, models=models, prefix=prefix, on_load_progress=progress)
     except BaseException:
         progress.abort()
         raise
@@ -158,7 +147,7 @@ def _query(db: txindex.DB, models: list[type[Any]], args: argparse.Namespace) ->
             hi = None if args.hi is None else _value(args.hi)
             objs = tx.range(index, lo, hi, limit=args.limit)
         for obj in objs:
-            sys.stdout.write(json.dumps(dataclasses.asdict(obj)) + "\n")
+            sys.stdout.write(info_of(obj).encode(obj).decode() + "\n")
 
 
 def _value(text: str) -> Any:

@@ -52,6 +52,7 @@ class DB:
         progress_interval: float = 2.0,
         metrics: Metrics | None = None,
         visibility_key: str | None = None,
+        on_load_progress: Callable[[int], object] | None = None,
     ) -> None:
         infos = [info_of(m) for m in models]
         if not infos:
@@ -70,7 +71,7 @@ class DB:
         self._notifier: Notifier | None = None  # hook: txindex.notify, created by subscribe()
         self._watcher = Watcher(
             backend, self._store, prefix, page_size=page_size, progress_interval=progress_interval,
-            observer=self._observer,
+            observer=self._observer, on_load_progress=on_load_progress,
         )
         self._visible_cell = _visibility(visibility_key)
         self._visible_lock = threading.Lock()
@@ -269,6 +270,7 @@ def open(
     max_request_bytes: int = MAX_REQUEST_BYTES,
     timeout: float = 10.0,
     metrics: Metrics | None = None,
+    on_load_progress: Callable[[int], object] | None = None,
     **backend_options: Any,
 ) -> DB:
     """Open a database over ``url`` and load it.
@@ -290,6 +292,7 @@ def open(
             timeout=timeout,
             metrics=metrics,
             visibility_key=None if url.rstrip("/") == "memory:" else url,
+            on_load_progress=on_load_progress,
         )
     except BaseException:
         backend.close()

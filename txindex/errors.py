@@ -57,6 +57,16 @@ class UnorderableValue(TxIndexError, TypeError):
     """An index value cannot be ordered (names model, index and field)."""
 
 
+class RequestRejected(TxIndexError, ValueError):
+    """The server refused a request as invalid (duplicate key in a Txn, future revision, empty
+    key, bad compare). Definite: nothing was applied; retrying the same request fails again."""
+
+
+class AuthError(RequestRejected):
+    """etcd refused the credentials (wrong user or password, missing token, permission
+    denied). Definite: nothing was applied. Never carries the password or a token."""
+
+
 class Unavailable(TxIndexError):
     """No etcd endpoint answered a read-only request (safe to retry)."""
 

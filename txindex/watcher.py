@@ -114,6 +114,7 @@ class Watcher:
         page_size: int = 2000,
         progress_interval: float = 2.0,
         observer: Observer | None = None,
+        on_load_progress: Callable[[int], object] | None = None,
     ) -> None:
         self.stats = WatchStats()
         # Hooks. ``observer``: txindex.metrics (None without metrics=). ``apply_hook``:
@@ -122,6 +123,7 @@ class Watcher:
         # (uncontended: one acquire per watch response) so subscribe() starts at an exact
         # revision.
         self._observer = observer
+        self._on_load_progress = on_load_progress  # called per page of the first load
         self.apply_hook: Callable[[Sequence[tuple[int, list[tuple[str, Entry | None]]]], bool],
                                   None] | None = None
         self.hook_lock = threading.Lock()
@@ -141,7 +143,7 @@ class Watcher:
     def load(self) -> None:
         """Initial paged load (blocking), then start following the watch."""
         started = time.monotonic()
-        revision, entries = self._read_all()
+        revision, entries = self._read_all(self._on_load_progress)
         self._store.load(revision, entries)
         self.stats.loaded_keys = len(entries)
         log.info(
@@ -265,17 +267,24 @@ class Watcher:
 
     # ---- loads ---------------------------------------------------------------------------
 
-    def _read_all(self) -> tuple[int, list[Entry]]:
-        """Every claimed key at one revision, read in pages. Restarts if compacted mid-way."""
+    def _read_all(
+        self, progress: Callable[[int], object] | None = None
+    ) -> tuple[int, list[Entry]]:
+        """Every claimed key at one revision, read in pages. Restarts if compacted mid-way.
+        ``progress`` is called after each page with the number of keys read so far."""
         while True:
             try:
                 entries: list[Entry] = []
                 pinned = [0]
+                read = 0
                 for kvs in self._pages(pinned):
                     for kv in kvs:
                         e = self._decoder.entry(kv.key, kv.value, kv.mod_revision)
                         if e is not None:
                             entries.append(e[1])
+                    read += len(kvs)
+                    if progress is not None:
+                        _report(progress, read)
                 return pinned[0], entries
             except Compacted:
                 log.warning("txindex: load revision compacted; loading again")
@@ -309,3 +318,10 @@ class Watcher:
         if self._observer is not None:  # hook: txindex.metrics
             self._observer.resync()
             self._observer.applied(revision)
+
+
+def _report(progress: Callable[[int], object], read: int) -> None:
+    try:
+        progress(read)
+    except Exception as exc:  # a progress display must never break a load
+        log.warning("txindex: load progress callback failed: %s", exc)

@@ -44,8 +44,9 @@ from txindex.backend.base import (
     prefix_end,
     successor,
 )
-from txindex.backend.etcd import AuthError, EtcdBackend, EtcdWatchStream, tls_credentials
-from txindex.backend.memory import MemoryBackend, MemoryWatchStream, RequestRejected
+from txindex.backend.etcd import EtcdBackend, EtcdWatchStream, tls_credentials
+from txindex.backend.memory import MemoryBackend, MemoryWatchStream
+from txindex.errors import AuthError, RequestRejected
 
 __all__ = [
     "AuthError",

@@ -48,8 +48,16 @@ from txindex.backend.base import (
     TxnResult,
     WatchResponse,
 )
-from txindex.backend.memory import RequestRejected
-from txindex.errors import Closed, CommitUnknown, Compacted, TxTooLarge, Unavailable, WatchBroken
+from txindex.errors import (
+    AuthError,
+    Closed,
+    CommitUnknown,
+    Compacted,
+    RequestRejected,
+    TxTooLarge,
+    Unavailable,
+    WatchBroken,
+)
 
 __all__ = ["DEFAULT_GRPC_OPTIONS", "AuthError", "EtcdBackend", "EtcdWatchStream"]
 
@@ -97,11 +105,6 @@ def _code(e: grpc.RpcError) -> Any:
 
 def _details(e: grpc.RpcError) -> str:
     return (e.details() if isinstance(e, grpc.Call) else str(e)) or ""
-
-
-class AuthError(RequestRejected):
-    """etcd refused the credentials (wrong user or password, missing token, permission
-    denied). Definite: nothing was applied. Never carries the password or a token."""
 
 
 _AUTH_CODES = frozenset(

@@ -41,16 +41,11 @@ from txindex.backend.base import (
     TxnResult,
     WatchResponse,
 )
-from txindex.errors import Closed, Compacted, TxIndexError, TxTooLarge, WatchBroken
+from txindex.errors import Closed, Compacted, RequestRejected, TxTooLarge, WatchBroken
 
 __all__ = ["DEFAULT_MAX_TXN_OPS", "MemoryBackend", "MemoryWatchStream", "RequestRejected"]
 
 DEFAULT_MAX_TXN_OPS = 128  # etcd's --max-txn-ops default
-
-
-class RequestRejected(TxIndexError, ValueError):
-    """The server refused a request as invalid (duplicate key in a Txn, future revision, empty
-    key, bad compare). Definite: nothing was applied; retrying the same request fails again."""
 
 
 @dataclass(slots=True)
