@@ -17,6 +17,8 @@ from txindex import DB
 from txindex.backend import Backend, EtcdBackend, MemoryBackend
 from txindex.server import EtcdServer
 
+from .proxy import Proxy
+
 
 @pytest.fixture(scope="session")
 def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
@@ -78,5 +80,42 @@ def make_db(db_url: str, prefix: str) -> Iterator[Callable[..., DB]]:
         return db
 
     yield make
+    for db in opened:
+        db.close()
+
+
+# ---- a private server per test, for tests that stop, kill, compact or cut it ----------------
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A private etcd for one test (it gets stopped, killed, compacted)."""
+    s = EtcdServer(tmp_path / "etcd")
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def raw(server: EtcdServer) -> Iterator[EtcdBackend]:
+    """A direct backend to the private server (for writes by "another tool" and checks)."""
+    b = EtcdBackend([server.endpoint], timeout=2.0)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def proxy(server: EtcdServer) -> Iterator[Proxy]:
+    """A loopback TCP proxy in front of the private server (freeze, cut, hold replies)."""
+    p = Proxy(server.endpoint)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def dbs() -> Iterator[list[DB]]:
+    """Databases a test opened; closed after it."""
+    opened: list[DB] = []
+    yield opened
     for db in opened:
         db.close()

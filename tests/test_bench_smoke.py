@@ -1,5 +1,6 @@
 """Smoke test of the benchmark runner: ``bench/run.py --smoke`` runs every registered metric
-(real etcd included) and ends with one JSON line describing each. No timing assertions."""
+and curve (real etcd, a 3-member cluster, worker processes included) and ends with one JSON
+line describing each. No timing assertions."""
 
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ EXPECTED = {
     "range200_vs_sqlite",
     "readtx_overhead",
     "false_conflict_rate",
+    "throughput_8threads_vs_raw",
+    "throughput_3procs_vs_raw",
+    "load_1m_vs_decode",
+    "apply_events_per_s",
+    "apply_e2e_events_per_s",
+    "memory_vs_objects",
+    "write_vs_jsonmutexdb",
+}
+CURVES = {
+    "scale_get_query_load": {"objects", "get_us", "find10_us", "open_s", "decode_s"},
+    "cluster_commit_throughput": {"procs", "txindex_commits_s", "raw_commits_s", "ratio"},
 }
 
 
@@ -25,7 +37,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, str(ROOT / "bench" / "run.py"), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         cwd=ROOT,
     )
 
@@ -35,6 +47,7 @@ def test_smoke_run_ends_with_one_json_line_per_metric() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     report = json.loads(lines[-1])
+    curves = report.pop("curves")
     assert set(report) >= EXPECTED, sorted(report)
     for name, r in report.items():
         for field in ("value", "baseline", "ratio", "unit"):
@@ -48,12 +61,35 @@ def test_smoke_run_ends_with_one_json_line_per_metric() -> None:
     table = "\n".join(lines[:-1])
     for name in report:
         assert name in table
+    # curves: one table each, rows with their columns, positive finite figures
+    assert set(curves) == set(CURVES), sorted(curves)
+    for name, columns in CURVES.items():
+        rows = curves[name]
+        assert isinstance(rows, list) and len(rows) >= 2, (name, rows)
+        for row in rows:
+            assert set(row) >= columns, (name, row)
+            for k in columns:
+                assert isinstance(row[k], (int, float)) and math.isfinite(row[k]), (name, k, row)
+                assert row[k] > 0, (name, k, row)
+        assert f"curve {name}" in table
+    # sizes grow along the scaling curve, process counts along the cluster curve
+    assert [r["objects"] for r in curves["scale_get_query_load"]] == sorted(
+        r["objects"] for r in curves["scale_get_query_load"]
+    )
+    assert curves["cluster_commit_throughput"][0]["procs"] == 1
+    # the data-set metrics say what they measured
+    assert report["load_1m_vs_decode"]["extra"]["objects"] > 0
+    assert "real etcd" in report["apply_events_per_s"]["extra"]["source"]
 
 
 def test_only_selects_metrics_and_rejects_unknown_names() -> None:
     proc = _run("--smoke", "--only", "readtx_overhead")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(json.loads(proc.stdout.strip().splitlines()[-1])) == {"readtx_overhead"}
+    curve = _run("--smoke", "--only", "scale_get_query_load")
+    assert curve.returncode == 0, curve.stderr[-3000:]
+    only_curve = json.loads(curve.stdout.strip().splitlines()[-1])
+    assert set(only_curve) == {"curves"} and set(only_curve["curves"]) == {"scale_get_query_load"}
     bad = _run("--smoke", "--only", "no_such_metric")
     assert bad.returncode == 2
     assert "no_such_metric" in bad.stderr

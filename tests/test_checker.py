@@ -9,7 +9,6 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from txindex.backend import EtcdBackend
 from txindex.server import EtcdServer
 
 from .checker import Report, TruthLog, check
-from .test_faults import Proxy
+from .proxy import Proxy
 from .torture import ListRecorder, client_loop, open_db, run_op, setup, uid_for
 
 # ---- hand-made histories -------------------------------------------------------------------
@@ -143,36 +142,6 @@ def seed_bug() -> Iterator[Any]:
     yield enable
     for name in enabled:
         _seeded.disable(name)
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EtcdServer]:
-    s = EtcdServer(tmp_path / "etcd")
-    s.start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def raw(server: EtcdServer) -> Iterator[EtcdBackend]:
-    b = EtcdBackend([server.endpoint], timeout=2.0)
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def proxy(server: EtcdServer) -> Iterator[Proxy]:
-    p = Proxy(server.endpoint)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def dbs() -> Iterator[list[DB]]:
-    opened: list[DB] = []
-    yield opened
-    for db in opened:
-        db.close()
 
 
 PREFIX = "chk/"

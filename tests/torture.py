@@ -45,7 +45,7 @@ from etcd3 import etcdrpc
 import txindex
 from tests.checker import TruthLog, check
 from tests.consistency import assert_converged
-from tests.test_faults import Proxy
+from tests.proxy import Proxy
 from txindex import DB, Index
 from txindex.backend import EtcdBackend
 from txindex.errors import CommitUnknown, Conflict, Unavailable, UniqueViolation
