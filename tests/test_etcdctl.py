@@ -19,6 +19,7 @@ import pytest
 
 import txindex
 from txindex import DB, DecodeError
+from txindex.fences import fence_root
 from txindex.server import EtcdServer, find_etcd_binary
 
 from .models import MODELS, Node, User
@@ -212,15 +213,19 @@ def test_etcdctl_reads_txindex_objects_as_json(
     with db.tx() as tx:
         tx.put(n)
         tx.put(User("alice", "core", 3))
-    resp = etcdctl(etcd_server, "get", prefix, "--prefix")
-    raw = {  # etcdctl's JSON leaves out an empty value (the fences are empty)
-        base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
-        for kv in resp["kvs"]
-    }
-    fences = {k for k in raw if k.startswith(prefix + "__txindex__/")}
-    assert {prefix + "__txindex__/fence/nodes/", prefix + "__txindex__/fence/users/"} <= fences
-    assert any(f.startswith(prefix + "__txindex__/bucket/nodes/by_ip/") for f in fences)
-    kvs = {k: json.loads(v) for k, v in raw.items() if k not in fences}
+    def get_prefix(p: str) -> dict[str, bytes]:
+        resp = etcdctl(etcd_server, "get", p, "--prefix")
+        return {  # etcdctl's JSON leaves out an empty value (the fences are empty)
+            base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
+            for kv in resp.get("kvs", [])
+        }
+
+    root = fence_root(prefix)  # beside the prefix, outside the range its watchers see
+    assert not root.startswith(prefix)
+    fences = set(get_prefix(root))
+    assert {root + "fence/nodes/", root + "fence/users/"} <= fences
+    assert any(f.startswith(root + "bucket/nodes/by_ip/") for f in fences)
+    kvs = {k: json.loads(v) for k, v in get_prefix(prefix).items()}
     assert kvs == {
         prefix + "nodes/n1": {
             "id": "n1", "user": "alice", "ip": "10.4.0.1", "tags": ["prod", "eu"], "last_seen": 2.5

@@ -98,6 +98,10 @@ def _ops(tx: Transaction) -> list[Op]:
         for idx, old in w.old_keys.items():
             for k in {*old, *w.new_keys(idx)}:
                 owed.add(bucket_fence(prefix, idx, k))
+    if not any(isinstance(op, Put) for op in ops):
+        # Deletes of absent keys make no event in the prefix and the fences live outside it:
+        # the sync key gives the watch an event at the commit revision (read-your-writes).
+        ops.append(Put(sync_key(prefix), b""))
     budget = tx._db.max_txn_ops - len(ops) - len(buckets)
     for info in sorted(buckets, key=lambda i: len(buckets[i])):
         ops.append(Put(model_fence(prefix, info), b""))

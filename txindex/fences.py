@@ -2,7 +2,8 @@
 
 etcd cannot compare on "no key in this index range changed": a range compare over a model's
 keys misses deletes (a deleted key leaves the range) and makes etcd scan the whole range. So
-every txindex commit also writes small fence keys under ``<prefix>__txindex__/``, and a
+every txindex commit also writes small fence keys beside the database prefix (``app/`` ->
+``app.txindex-fences/``, see :func:`fence_root`; outside the watched range), and a
 transaction that queried an index compares the fences its query depends on
 (``mod_revision < V + 1``). Three kinds, per model M:
 
@@ -13,7 +14,8 @@ transaction that queried an index compares the fences its query depends on
 * ``coarse/M`` — written instead of the bucket fences when those would not fit the Txn's
   operation budget. Equality queries compare it too.
 
-All fence values are empty; the watcher ignores the ``__txindex__/`` subtree.
+All fence values are empty. The sync key (:func:`sync_key`) is the one bookkeeping key inside
+the prefix (``<prefix>__txindex__/sync``): its events are the point of it.
 """
 
 from __future__ import annotations
@@ -25,23 +27,33 @@ from .index import Index
 from .model import ModelInfo
 from .ordering import TOP
 
-ROOT = "__txindex__/"
+ROOT = "__txindex__/"  # the sync key's folder inside the prefix
 BUCKETS = 1024
 
 
+def fence_root(db_prefix: str) -> str:
+    """Where a database's fences live: beside its prefix, not inside it, so that no watcher
+    of the prefix receives (and discards) an event per fence written. ``"app/"`` ->
+    ``"app.txindex-fences/"``; any other prefix P -> ``"\\x00txindex-fences/P"`` (for the
+    empty prefix, which watches everything, the fences stay visible and are ignored)."""
+    if db_prefix.endswith("/"):
+        return db_prefix[:-1] + ".txindex-fences/"
+    return "\x00txindex-fences/" + db_prefix
+
+
 def model_fence(db_prefix: str, info: ModelInfo) -> bytes:
-    return f"{db_prefix}{ROOT}fence/{info.prefix}".encode()
+    return f"{fence_root(db_prefix)}fence/{info.prefix}".encode()
 
 
 def coarse_fence(db_prefix: str, info: ModelInfo) -> bytes:
-    return f"{db_prefix}{ROOT}coarse/{info.prefix}".encode()
+    return f"{fence_root(db_prefix)}coarse/{info.prefix}".encode()
 
 
 def bucket_fence(db_prefix: str, index: Index[Any], key: Any) -> bytes:
     """The fence of the bucket that holds encoded index ``key``. O(len(key))."""
     info: ModelInfo = index.model.__txindex_model__
     bucket = zlib.crc32(_canonical(key).encode()) % BUCKETS
-    return f"{db_prefix}{ROOT}bucket/{info.prefix}{index.name}/{bucket}".encode()
+    return f"{fence_root(db_prefix)}bucket/{info.prefix}{index.name}/{bucket}".encode()
 
 
 def sync_key(db_prefix: str) -> bytes:

@@ -223,11 +223,12 @@ class Transaction:
         limit = self._db.max_txn_ops
         old = self.writes.get(key)
         if old is None:
-            fences = 2 * len(self._fenced | {write.info})
-            if len(self.writes) + 1 + fences > limit:
+            extra = 2 * len(self._fenced | {write.info}) + 1
+            if len(self.writes) + 1 + extra > limit:
                 raise TxTooLarge(
                     f"one etcd Txn takes {limit} operations (--max-txn-ops): at most "
-                    f"{limit - fences} writes here, plus two fence keys per model written"
+                    f"{limit - extra} writes here, plus two fence keys per model written and "
+                    "one bookkeeping key"
                 )
         snap = None if old is not None else self._store.get(key, self._pin())
         for idx, keys in new_keys.items():

@@ -71,7 +71,7 @@ class Decoder:
         for info in self._models:
             if skey.startswith(info.prefix):
                 return skey, self._decode(info, skey, value, mod_revision)
-        self._stats.unclaimed_keys += not skey.startswith("__txindex__/")
+        self._stats.unclaimed_keys += not skey.startswith(("__txindex__/", "\x00txindex-fences/"))
         return None
 
     def key(self, key: bytes) -> str | None:
