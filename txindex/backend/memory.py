@@ -108,12 +108,18 @@ class _Store:
         hi = len(self.keys) if end == b"\0" else bisect.bisect_left(self.keys, end)
         return self.keys[lo:hi]
 
-    def _live(self, start: bytes, end: bytes | None, revision: int) -> list[KeyValue]:
+    def _live(
+        self, start: bytes, end: bytes | None, revision: int, stop_after: int = 0
+    ) -> list[KeyValue]:
+        """Live keys in the range at ``revision``; with ``stop_after``, at most that many
+        (so a page costs O(page), not O(rest of the range))."""
         out = []
         for k in self._keys_in(start, end):
             v = self.history[k].at(revision)
             if v is not None:
                 out.append(KeyValue(k, v.value, v.mod_revision, v.create_revision, v.version))
+                if len(out) == stop_after:
+                    break
         return out
 
     def check_revision(self, revision: int) -> int:
@@ -316,7 +322,7 @@ class MemoryBackend:
         s = self._store
         with s.lock:
             rev = s.check_revision(revision)
-            kvs = s._live(key, range_end, rev)
+            kvs = s._live(key, range_end, rev, limit + 1 if limit > 0 else 0)
             header = s.revision
         more = 0 < limit < len(kvs)
         if more:
