@@ -20,6 +20,7 @@ the prefix (``<prefix>__txindex__/sync``): its events are the point of it.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any
 
@@ -52,8 +53,14 @@ def coarse_fence(db_prefix: str, info: ModelInfo) -> bytes:
 def bucket_fence(db_prefix: str, index: Index[Any], key: Any) -> bytes:
     """The fence of the bucket that holds encoded index ``key``. O(len(key))."""
     info: ModelInfo = index.model.__txindex_model__
-    bucket = zlib.crc32(_canonical(key).encode()) % BUCKETS
-    return f"{fence_root(db_prefix)}bucket/{info.prefix}{index.name}/{bucket}".encode()
+    return f"{fence_root(db_prefix)}bucket/{info.prefix}{index.name}/{_bucket(key)}".encode()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _bucket(key: Any) -> int:
+    """Stable bucket of an encoded key; cached (equal keys, like 1 and 1.0, share an entry
+    and a bucket)."""
+    return zlib.crc32(_canonical(key).encode()) % BUCKETS
 
 
 def sync_key(db_prefix: str) -> bytes:
