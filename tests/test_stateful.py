@@ -70,11 +70,24 @@ class TxMachine(RuleBasedStateMachine):
         self.committed: dict[tuple[type, str], Any] = {}
         self.view: dict[tuple[type, str], Any] | None = None
         self.tx: txindex.Transaction | None = None
+        self.snap: txindex.Transaction | None = None  # an old read snapshot kept open
+        self.snap_view: dict[tuple[type, str], Any] = {}
 
     def teardown(self) -> None:
         if self.tx is not None:
             self.tx.rollback()
+        if self.snap is not None:
+            self.snap.rollback()
         self.db.close()
+
+    @rule()
+    def hold_snapshot(self) -> None:
+        """Open (or replace) a read snapshot that stays open across later commits."""
+        if self.snap is not None:
+            self.snap.rollback()
+        self.snap = self.db.read()
+        _ = self.snap.revision  # pins it now
+        self.snap_view = dict(self.committed)
 
     # ---- transaction lifecycle ----
 
@@ -172,6 +185,16 @@ class TxMachine(RuleBasedStateMachine):
                 self._check_points(rtx, self.committed, user, "10.0.0.1", "prod")
             self._check_ranges(rtx, self.committed, "alice", "carol", 1.0, False, None)
             self._check_ranges(rtx, self.committed, None, "bob", None, True, 2)
+
+    @invariant()
+    def old_snapshot_is_unchanged(self) -> None:
+        if self.snap is None:
+            return
+        for (cls, pk), obj in self.snap_view.items():
+            assert self.snap.get(cls, pk) == obj
+        for user in ["alice", "bob", "carol"]:
+            self._check_points(self.snap, self.snap_view, user, "10.0.0.2", "dev")
+        self._check_ranges(self.snap, self.snap_view, "alice", None, 1.0, True, None)
 
     @invariant()
     def committed_indexes_equal_rebuild(self) -> None:

@@ -346,3 +346,21 @@ def test_deleting_only_absent_keys_is_still_visible(make_db: MakeDB) -> None:
             tx.delete(Counter, 1000 + i)
         with db.read() as tx:
             assert tx.get(Counter, 1000 + i) is None
+
+
+def test_snapshot_query_returns_the_object_of_its_revision(make_db: MakeDB) -> None:
+    """An update that keeps an object's index key must not leak into older snapshots."""
+    db = make_db()
+    with db.tx() as tx:
+        tx.put(Node("n1", "alice", "ip-1", ("prod",), 1.0))
+    with db.read() as snap:
+        assert snap.find(Node.by_user, "alice")[0].ip == "ip-1"  # pins the snapshot
+        with db.tx() as tx:
+            tx.put(Node("n1", "alice", "ip-2", ("prod",), 1.0))  # by_user key unchanged
+        with db.read() as fresh:
+            assert fresh.find(Node.by_user, "alice")[0].ip == "ip-2"
+        assert [n.ip for n in snap.find(Node.by_user, "alice")] == ["ip-1"]
+        assert [n.ip for n in snap.find(Node.by_tag, "prod")] == ["ip-1"]
+        assert [n.ip for n in snap.range(Node.by_user_seen)] == ["ip-1"]
+        assert snap.first(Node.by_ip, "ip-1") is not None and snap.first(Node.by_ip, "ip-2") is None
+        assert snap.count(Node.by_user, "alice") == 1

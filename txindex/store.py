@@ -44,7 +44,7 @@ IndexItem = tuple[Any, Any, "Entry"]  # (encoded index key, primary key, entry)
 class Entry:
     """One version of one key. ``value`` is the decoded object, or a :class:`DecodeError`."""
 
-    __slots__ = ("broken", "info", "key", "mod_revision", "pk", "value")
+    __slots__ = ("broken", "info", "key", "keys", "mod_revision", "pk", "value")
 
     def __init__(self, key: str, pk: Any, value: Any, mod_revision: int, info: ModelInfo) -> None:
         self.key = key
@@ -53,6 +53,7 @@ class Entry:
         self.mod_revision = mod_revision
         self.info = info
         self.broken = isinstance(value, DecodeError)
+        self.keys: tuple[tuple[Any, ...], ...] | None = None  # see index_keys()
 
     def __repr__(self) -> str:
         return f"Entry({self.key!r}, rev={self.mod_revision})"
@@ -76,9 +77,17 @@ class Batch:
 
 def index_keys(index: Index[Any], entry: Entry | None) -> tuple[Any, ...]:
     """The index keys ``entry`` holds in ``index`` (none for another model, a broken value or
-    a value the index cannot order). O(k log k) for k keys."""
+    a value the index cannot order). Computed once per entry for all its model's indexes,
+    then O(1)."""
     if entry is None or entry.info.cls is not index.model or entry.broken:
         return ()
+    keys = entry.keys
+    if keys is None:
+        keys = entry.keys = tuple(_safe_keys(idx, entry) for idx in entry.info.indexes)
+    return keys[index.position]
+
+
+def _safe_keys(index: Index[Any], entry: Entry) -> tuple[Any, ...]:
     try:
         return index.entries(entry.value)
     except (UnorderableValue, Exception) as exc:  # a foreign writer's value: skip, never crash
@@ -282,13 +291,22 @@ class Store:
         for idx in _indexes_of(before, after) if reindex else ():
             sl = self._indexes[idx]
             by_key = self._unique.get(idx)
+            old = index_keys(idx, before)
+            new = index_keys(idx, after)
+            if old and old == new and before is not None and after is not None:
+                for k in new:  # same keys, new object: swap the items in place
+                    _swap(sl, (k, after.pk, after))
+                    if by_key is not None:
+                        _unlink(by_key, (k, before.pk, before))
+                        _link(by_key, (k, after.pk, after))
+                continue
             if before is not None:
-                for k in index_keys(idx, before):
+                for k in old:
                     sl.remove((k, before.pk, before))
                     if by_key is not None:
                         _unlink(by_key, (k, before.pk, before))
             if after is not None:
-                for k in index_keys(idx, after):
+                for k in new:
                     sl.add((k, after.pk, after))
                     if by_key is not None:
                         _link(by_key, (k, after.pk, after))
@@ -312,8 +330,10 @@ class Store:
     def _changes_since(
         self, index: Index[Any], revision: int
     ) -> tuple[set[tuple[Any, Any]], list[IndexItem]]:
-        """Items added to ``index`` after ``revision`` (to hide) and items removed after it (to
-        show again), so that the latest index reads as of ``revision``. Caller holds the lock."""
+        """Pairs to hide and items to show so that the latest index reads as of ``revision``:
+        every current pair of a key changed since then is hidden and every item it had then is
+        shown again (with the entry of then, also where its index key did not move). Caller
+        holds the lock. O(changes since ``revision``)."""
         if revision >= self.revision:
             return set(), []
         first_before: dict[str, Entry | None] = {}
@@ -326,11 +346,28 @@ class Store:
         shown: list[IndexItem] = []
         for key, then in first_before.items():
             now = self._data.get(key)
-            then_items = {(k, then.pk): then for k in index_keys(index, then)} if then else {}
-            now_keys = {(k, now.pk) for k in index_keys(index, now)} if now else set()
-            hidden |= now_keys - then_items.keys()
-            shown.extend((k, pk, e) for (k, pk), e in then_items.items() if (k, pk) not in now_keys)
+            if now is not None:
+                hidden.update((k, now.pk) for k in index_keys(index, now))
+            if then is not None:
+                shown.extend((k, then.pk, then) for k in index_keys(index, then))
         return hidden, shown
+
+
+def _swap(sl: SortedList, item: IndexItem) -> None:
+    """Replace the item with the same (key, pk) as ``item`` by ``item``, in place: the order
+    does not change, so neither do SortedList's positional index nor its sublist sizes. Uses
+    its ``_lists``/``_maxes`` (see :func:`scan`). O(log n)."""
+    pair = (item[0], item[1])
+    lists, maxes = sl._lists, sl._maxes
+    i = bisect_left(maxes, pair)
+    sub = lists[i]
+    j = bisect_left(sub, pair)
+    if (sub[j][0], sub[j][1]) != pair:
+        raise KeyError(pair)
+    sub[j] = item
+    if j == len(sub) - 1:
+        maxes[i] = item
+
 
 def _link(by_key: dict[Any, list[IndexItem]], item: IndexItem) -> None:
     items = by_key.setdefault(item[0], [])
