@@ -101,3 +101,32 @@ def test_unorderable_value_is_refused_at_put(make_db: Callable[..., DB]) -> None
         tx.put(Thing("ok", 1))  # the transaction is still usable
     with db.read() as tx:
         assert tx.get(Thing, "bad") is None and tx.get(Thing, "ok") == Thing("ok", 1)
+
+
+def test_unique_index_tolerates_clashes_written_by_other_tools(make_db: Callable[..., DB]) -> None:
+    """etcd does not enforce uniqueness: values written around txindex may clash. The index
+    shows every holder (ordered by primary key) and recovers when the clash goes away."""
+    from txindex.backend.base import Delete, Put
+    from txindex.model import info_of
+
+    from .models import Node
+
+    db = make_db()
+    info, prefix = info_of(Node), db.prefix
+    raw = db._backend
+    rev = 0
+    for pk in ("b", "a", "c"):
+        rev = raw.txn([], [Put(f"{prefix}nodes/{pk}".encode(),
+                               info.encode(Node(pk, "u", "10.9.9.9")))]).revision
+    assert db.wait_for(rev, 10)
+    with db.read() as tx:
+        assert [n.id for n in tx.find(Node.by_ip, "10.9.9.9")] == ["a", "b", "c"]
+        assert tx.first(Node.by_ip, "10.9.9.9") == Node("a", "u", "10.9.9.9")
+    with db.tx() as tx, pytest.raises(txindex.UniqueViolation):
+        tx.put(Node("d", "u", "10.9.9.9"))
+    for pk in ("a", "c"):
+        rev = raw.txn([], [Delete(f"{prefix}nodes/{pk}".encode())]).revision
+    assert db.wait_for(rev, 10)
+    with db.read() as tx:
+        assert [n.id for n in tx.find(Node.by_ip, "10.9.9.9")] == ["b"]
+    assert sorted(pk for _, pk, _ in db._store.unique_items(Node.by_ip)) == ["b"]

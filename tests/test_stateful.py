@@ -206,8 +206,7 @@ class TxMachine(RuleBasedStateMachine):
             )
             assert [(k, pk) for k, pk, _ in store.index_items(index)] == rebuilt
             if index.unique:  # the point-lookup map of a unique index holds the same items
-                by_key = store._unique[index]
-                assert sorted((k, pk) for items in by_key.values() for k, pk, _ in items) == rebuilt
+                assert sorted((k, pk) for k, pk, _ in store.unique_items(index)) == rebuilt
 
     # ---- shared checks ----
 

@@ -42,7 +42,7 @@ class Index(Generic[M]):
     against the dataclass by ``@txindex.model``.
     """
 
-    __slots__ = ("_func", "_model", "fields", "multi", "name", "position", "unique", "where")
+    __slots__ = ("_func", "_model", "fields", "multi", "name", "unique", "where")
 
     def __init__(
         self: Index[Any],
@@ -86,7 +86,6 @@ class Index(Generic[M]):
         self.where: Callable[[Any], bool] | None = where
         self.name: str = ""
         self._model: type[Any] | None = None
-        self.position: int = -1  # its place in the model's indexes, set by @txindex.model
 
     # -- descriptor protocol -------------------------------------------------------------------
 

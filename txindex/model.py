@@ -72,8 +72,6 @@ class ModelInfo:
         self.key_field = key_field
         self.key_type = key_type
         self.indexes = indexes
-        for position, index in enumerate(indexes):
-            index.position = position  # stores cache an entry's keys per index by position
         self.codec = codec
 
     def __repr__(self) -> str:
