@@ -50,8 +50,8 @@ from .codec import (
     Codec,
     _Bad,
     _Builder,
-    _expected,
     _jexpected,
+    object_encoder,
 )
 from .errors import DecodeError, ModelError
 
@@ -332,22 +332,7 @@ def _convs(adapter: Adapter, cls: type, builder: _Builder) -> tuple[Enc, Dec]:
         enc, dec = builder.conv(tp, f"{cls.__qualname__}.{attr}")
         plans.append((attr, arg, enc, dec, required))
     layout = tuple((p[0], p[2], _FAST_ENC.get(p[2])) for p in plans)
-
-    def enc_obj(v: Any) -> Any:
-        if type(v) is not cls:
-            raise _expected(cls.__qualname__, v)
-        out = {}
-        for name, enc, fast_t in layout:
-            x = getattr(v, name)
-            if type(x) is fast_t:
-                out[name] = x
-                continue
-            try:
-                out[name] = enc(x)
-            except _Bad as e:
-                e.path.append(name)
-                raise
-        return out
+    enc_obj = object_encoder(cls, layout)
 
     native = adapter.nested_decoder(cls)
     if native is not None:

@@ -509,6 +509,13 @@ def _dataclass_convs(cls: type, builder: _Builder) -> tuple[Enc, Dec]:
     encs = tuple(p[1] for p in plans)
     fast = tuple(_FAST_ENC.get(e) for e in encs)
     layout = tuple(zip(names, encs, fast, strict=True))
+    dec_obj = _generate_decoder(cls, plans, direct)
+    return object_encoder(cls, layout), dec_obj
+
+
+def object_encoder(cls: type[Any], layout: tuple[tuple[str, Enc, Any], ...]) -> Enc:
+    """Encode an instance of exactly ``cls`` field by field: ``layout`` holds (attribute,
+    encoder, type that needs no encoding or None). Errors name the field path."""
 
     def enc_obj(v: Any) -> Any:
         if type(v) is not cls:
@@ -526,8 +533,7 @@ def _dataclass_convs(cls: type, builder: _Builder) -> tuple[Enc, Dec]:
                 raise
         return out
 
-    dec_obj = _generate_decoder(cls, plans, direct)
-    return enc_obj, dec_obj
+    return enc_obj
 
 
 def _generate_decoder(cls: type, plans: list[tuple[str, Enc, Dec, Any]], direct: bool) -> Dec:
