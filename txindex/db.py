@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import random
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -77,6 +79,7 @@ class DB:
         self._visible_lock = threading.Lock()
         self._closed = False
         self._watcher.load()
+        _OPEN.add(self)
 
     # ---- transactions --------------------------------------------------------------------
 
@@ -233,6 +236,19 @@ class DB:
         self._watcher.nudge()
         if not self._store.wait_for(revision, self.timeout):
             raise Conflict(f"cache did not reach revision {revision} to re-validate")
+
+
+_OPEN: weakref.WeakSet[DB] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_databases() -> None:
+    """Close databases still open at exit, while gRPC's threads run (see EtcdBackend.close)."""
+    for db in list(_OPEN):
+        try:
+            db.close()
+        except Exception as exc:  # exiting anyway: report, never raise
+            log.warning("txindex: closing at exit failed: %s", exc)
 
 
 class _Visibility:
