@@ -29,7 +29,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from .errors import Conflict
+from .errors import Conflict, Unavailable
 from .transaction import Transaction
 
 if TYPE_CHECKING:
@@ -87,8 +87,8 @@ async def atransact(
     db: DB, fn: Callable[[Transaction], T | Awaitable[T]], attempts: int = 10
 ) -> T:
     """Run ``fn(tx)`` (sync, or async and awaited) in ``db.atx()`` and commit, retrying the
-    whole ``fn`` on ``Conflict`` with jittered exponential backoff (``asyncio.sleep``), at most
-    ``attempts`` times. ``CommitUnknown`` propagates."""
+    whole ``fn`` on ``Conflict`` (and ``Unavailable``) with jittered exponential backoff
+    (``asyncio.sleep``), at most ``attempts`` times. ``CommitUnknown`` propagates."""
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
     delay = 0.002
@@ -99,7 +99,7 @@ async def atransact(
                 if inspect.isawaitable(result):
                     result = await result
                 return result
-        except Conflict:
+        except (Conflict, Unavailable):  # as db.transact: Unavailable means nothing was sent
             if attempt == attempts - 1:
                 raise
             await asyncio.sleep(delay * random.random())
