@@ -96,7 +96,7 @@ def _ops(tx: Transaction) -> list[Op]:
         ops.append(Delete(full) if w.data is None else Put(full, w.data))
         owed = buckets.setdefault(w.info, set())
         for idx, old in w.old_keys.items():
-            for k in {*old, *w.new_keys(idx)}:
+            for k in {*old, *w.keys[idx]}:
                 owed.add(bucket_fence(prefix, idx, k))
     if not any(isinstance(op, Put) for op in ops):
         # Deletes of absent keys make no event in the prefix and the fences live outside it:

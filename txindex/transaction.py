@@ -27,18 +27,19 @@ Predicate = tuple[Index[Any], Any, Any]  # (index, lo, hi) over (index key, prim
 
 
 class Write:
-    """One key's pending write: ``obj``/``data`` are ``None`` for a delete. ``old_keys`` holds
-    the index keys the object had in the snapshot (the fences a commit must write)."""
+    """One key's pending write: ``obj``/``data`` are ``None`` for a delete. ``keys`` holds the
+    index keys of ``obj`` (computed once, at ``put``), ``old_keys`` those the object had in the
+    snapshot: together, the fences a commit must write."""
 
-    __slots__ = ("data", "entry", "info", "obj", "old_keys", "pk")
+    __slots__ = ("data", "entry", "info", "keys", "obj", "old_keys", "pk")
 
-    def __init__(self, info: ModelInfo, pk: Any, obj: Any, data: bytes | None, key: str) -> None:
-        self.info, self.pk, self.obj, self.data = info, pk, obj, data
+    def __init__(
+        self, info: ModelInfo, pk: Any, obj: Any, data: bytes | None, key: str,
+        keys: dict[Index[Any], tuple[Any, ...]],
+    ) -> None:
+        self.info, self.pk, self.obj, self.data, self.keys = info, pk, obj, data, keys
         self.entry = None if obj is None else Entry(key, pk, obj, 0, info)
         self.old_keys: dict[Index[Any], tuple[Any, ...]] = {}
-
-    def new_keys(self, index: Index[Any]) -> tuple[Any, ...]:
-        return () if self.obj is None else index.entries(self.obj)
 
 
 class Transaction:
@@ -210,16 +211,16 @@ class Transaction:
             if idx.unique:
                 for k in keys:
                     self._check_unique(idx, k, pk)
-        self._write(key, Write(info, pk, obj, data, key), new_keys)
+        self._write(key, Write(info, pk, obj, data, key, new_keys))
 
     def delete(self, cls: type[Any], pk: Any) -> None:
         """Delete the object with primary key ``pk`` (a no-op if there is none)."""
         self._check_writable()
         info = _info(cls)
         key = info.prefix + info.key_suffix(pk)
-        self._write(key, Write(info, pk, None, None, key), {idx: () for idx in info.indexes})
+        self._write(key, Write(info, pk, None, None, key, {idx: () for idx in info.indexes}))
 
-    def _write(self, key: str, write: Write, new_keys: dict[Index[Any], tuple[Any, ...]]) -> None:
+    def _write(self, key: str, write: Write) -> None:
         limit = self._db.max_txn_ops
         old = self.writes.get(key)
         if old is None:
@@ -231,10 +232,10 @@ class Transaction:
                     "one bookkeeping key"
                 )
         snap = None if old is not None else self._store.get(key, self._pin())
-        for idx, keys in new_keys.items():
+        for idx, keys in write.keys.items():
             if old is not None:
                 write.old_keys[idx] = old.old_keys[idx]
-                prev = old.new_keys(idx)
+                prev = old.keys[idx]
             else:
                 write.old_keys[idx] = prev = index_keys(idx, snap)
             if self._overlay is None:
