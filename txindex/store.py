@@ -249,11 +249,17 @@ class Store:
         batches: Sequence[tuple[int, Sequence[tuple[str, Entry | None]]]],
         *,
         reindex: bool = True,
-    ) -> None:
+        after: int | None = None,
+    ) -> bool:
         """Apply revision batches atomically: ``(revision, [(key, entry or None)])`` in
-        revision order. Revisions at or below the applied one are ignored.
+        revision order. Revisions at or below the applied one are ignored. With ``after``,
+        apply only if the applied revision is exactly ``after`` (else change nothing and
+        return False): a process that knows every change of the next revision (its own commit
+        when no other revision came between) can apply it without waiting for the watch.
         O(c log n) for c changed keys. ``reindex=False`` exists only for a seeded bug."""
         with self._advanced:
+            if after is not None and self.revision != after:
+                return False
             # With no snapshot pinned nobody can read an older version (pins are taken under
             # this lock), so history and change log are only kept while some pin exists.
             keep = bool(self._pins)
@@ -267,6 +273,7 @@ class Store:
             if self._log:
                 self._trim()
             self._advanced.notify_all()
+            return True
 
     def advance(self, revision: int) -> None:
         """Record that every change up to ``revision`` has been applied (a progress
