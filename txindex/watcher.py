@@ -86,13 +86,16 @@ class Decoder:
         suffix = skey[len(info.prefix):]
         pk: object = suffix
         try:
-            pk = info.pk_from_suffix(suffix)
-            if info.key_suffix(pk) != suffix:
-                raise ValueError(f"key suffix {suffix!r} is not the canonical form of {pk!r}")
+            if info.key_type is not str:
+                pk = info.pk_from_suffix(suffix)
+            elif not suffix:
+                raise ValueError("empty primary key")
             obj = info.decode(value, skey)
-            if info.pk(obj) != pk:
-                raise ValueError(f"field {info.key_field!r} is {info.pk(obj)!r}, key says {pk!r}")
-            return Entry(skey, pk, obj, rev, info)
+            found = info.pk(obj)
+            if found != pk:
+                raise ValueError(f"field {info.key_field!r} is {found!r}, key says {pk!r}")
+            # the entry shares the object's own key value (one string less per object)
+            return Entry(skey, found, obj, rev, info)
         except Exception as exc:
             err = exc if isinstance(exc, DecodeError) else DecodeError(skey, str(exc))
             self._stats.decode_errors += 1
