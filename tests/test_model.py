@@ -265,9 +265,13 @@ def test_unbound_index() -> None:
 
 def test_entries_every_kind() -> None:
     n = Node("n1", "alice", "10.0.0.1", ("b", "a", "b", 1, 1.0, True), 7)
-    assert Node.by_user.entries(n) == (sort_key("alice"),)
+    assert Node.by_user.bare and Node.by_user_seen.bare  # str / (str, float) fields: bare keys
+    assert not Node.by_ip.bare and not Node.by_tag.bare  # Any fields: sort_key encoding
+    assert Node.by_user.entries(n) == ("alice",)
+    assert Node.by_user.canonical("alice") == sort_key("alice")
     assert Node.by_ip.entries(n) == (sort_key("10.0.0.1"),)
-    assert Node.by_user_seen.entries(n) == ((sort_key("alice"), sort_key(7)),)
+    assert Node.by_user_seen.entries(n) == (("alice", 7),)
+    assert Node.by_user_seen.canonical(("alice", 7)) == (sort_key("alice"), sort_key(7))
     assert Node.by_tag.entries(n) == (sort_key(True), sort_key(1), sort_key("a"), sort_key("b"))
     assert Node.active.entries(n) == (sort_key(7),)
     assert Node.active.entries(Node("n2", "bob", "x")) == ()  # partial: where excludes it
@@ -310,7 +314,7 @@ def test_user_callables_errors_are_wrapped() -> None:
         W.boom.entries(w)
     with pytest.raises(ModelError, match=r"W.picky: where= raised AttributeError"):
         W.picky.entries(w)
-    assert W.picky.entries(W("a", "x")) == (sort_key("a"),)
+    assert W.picky.entries(W("a", "x")) == ("a",)
     with pytest.raises(ModelError, match=r"W.chars \(field 's'\): a multi index needs an iterable"):
         W.chars.entries(W("a", "abc"))
     with pytest.raises(ModelError, match="a multi index needs an iterable"):
@@ -343,4 +347,4 @@ def test_slots_dataclass_model_keeps_its_indexes() -> None:
     info = Slotted.__txindex_model__  # type: ignore[attr-defined]
     assert info.indexes == (Slotted.by_v,)
     assert Slotted.by_v.model is Slotted
-    assert Slotted.by_v.entries(Slotted("a", 3)) == ((2, 3),)
+    assert Slotted.by_v.entries(Slotted("a", 3)) == (3,)

@@ -53,14 +53,15 @@ def coarse_fence(db_prefix: str, info: ModelInfo) -> bytes:
 def bucket_fence(db_prefix: str, index: Index[Any], key: Any) -> bytes:
     """The fence of the bucket that holds encoded index ``key``. O(len(key))."""
     info: ModelInfo = index.model.__txindex_model__
-    return f"{fence_root(db_prefix)}bucket/{info.prefix}{index.name}/{_bucket(key)}".encode()
+    return f"{fence_root(db_prefix)}bucket/{info.prefix}{index.name}/{_bucket(index, key)}".encode()
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _bucket(key: Any) -> int:
-    """Stable bucket of an encoded key; cached (equal keys, like 1 and 1.0, share an entry
-    and a bucket)."""
-    return zlib.crc32(_canonical(key).encode()) % BUCKETS
+def _bucket(index: Index[Any], key: Any) -> int:
+    """Stable bucket of an encoded key of ``index``; cached (equal keys, like 1 and 1.0, share
+    an entry and a bucket). It hashes the key's ``sort_key`` form (:meth:`Index.canonical`),
+    so it does not depend on how the index encodes keys."""
+    return zlib.crc32(_canonical(index.canonical(key)).encode()) % BUCKETS
 
 
 def sync_key(db_prefix: str) -> bytes:

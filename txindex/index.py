@@ -7,20 +7,30 @@ An :class:`Index` is declared as a class attribute of a model::
     by_tag = Index("tags", multi=True)               # one entry per distinct element
     active = Index(lambda n: n.last_seen, where=lambda n: n.last_seen > 0)  # computed, partial
 
-Keys are *encoded* with :func:`txindex.ordering.sort_key` so values of mixed types order totally.
-A compound key is ``tuple(sort_key(getattr(obj, f)) for f in fields)``. The store keeps each
-index as a sorted list of ``(encoded_key, primary_key)`` entries; the ``*_bounds`` helpers return
-probes for ``bisect_left`` so that ``entries[bisect_left(lo):bisect_left(hi)]`` is the answer
-(``None`` = unbounded on that side).
+Keys are *encoded* so that the keys of one index always compare. When ``@txindex.model`` finds
+every indexed field annotated with one plain value type (``str``, ``int``, ``float``, ``bool``,
+``bytes``; for ``multi=True``, ``tuple[X, ...]`` or ``frozenset[X]`` of one), the key is the bare
+value (a tuple of bare values for a compound index): the codec guarantees the type, and bare keys
+cost less memory and compare faster. Any other index (computed, ``Optional``, unions, ``Any``)
+encodes with :func:`txindex.ordering.sort_key`, which orders values of mixed types totally. A
+query value of another type than a typed index holds matches nothing and, as a range bound,
+sits where :func:`~txindex.ordering.sort_key` would put it (``BOTTOM`` or ``TOP``). Fence buckets
+hash :meth:`Index.canonical`, the ``sort_key`` form, so they do not depend on the encoding.
+
+The store keeps each index as a sorted list of ``(encoded_key, primary_key, entry)`` items; the
+``*_bounds`` helpers return probes for ``bisect_left`` so that
+``items[bisect_left(lo):bisect_left(hi)]`` is the answer (``None`` = unbounded on that side).
 """
 
 from __future__ import annotations
 
+import operator
+import typing
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar, overload
 
 from txindex.errors import ModelError, UnorderableValue
-from txindex.ordering import RANK_STR, TOP, sort_key, str_successor
+from txindex.ordering import BOTTOM, RANK_STR, TOP, rank_of, sort_key, str_successor
 
 __all__ = ["Index"]
 
@@ -28,6 +38,11 @@ M = TypeVar("M")
 T = TypeVar("T")
 
 Bound = tuple[Any, ...]
+Extract = Callable[[Any], tuple[Any, ...]]
+
+# Value types an index may hold bare (see the module docstring), with their rank.
+_BARE: dict[type, int] = {str: rank_of(""), bytes: rank_of(b""), int: rank_of(0),
+                          float: rank_of(0.0), bool: rank_of(False)}
 
 
 class Index(Generic[M]):
@@ -42,7 +57,10 @@ class Index(Generic[M]):
     against the dataclass by ``@txindex.model``.
     """
 
-    __slots__ = ("_func", "_model", "fields", "multi", "name", "unique", "where")
+    __slots__ = (
+        "_func", "_kinds", "_model", "_query_enc", "extract", "fields", "multi", "name",
+        "unique", "where",
+    )
 
     def __init__(
         self: Index[Any],
@@ -86,6 +104,9 @@ class Index(Generic[M]):
         self.where: Callable[[Any], bool] | None = where
         self.name: str = ""
         self._model: type[Any] | None = None
+        self._kinds: tuple[type, ...] | None = None  # bare value type per field (see bind)
+        self._query_enc: tuple[Callable[[Any], Any], ...] = (sort_key,) * max(1, len(names))
+        self.extract: Extract = self._compile()
 
     # -- descriptor protocol -------------------------------------------------------------------
 
@@ -140,15 +161,96 @@ class Index(Generic[M]):
     def _source(self) -> str:
         return "computed" if self._func is not None else f"field {self.fields[0]!r}"
 
+    @property
+    def bare(self) -> bool:
+        """True if keys are bare values (every field has one plain annotated type)."""
+        return self._kinds is not None
+
+    def bind(self, hints: dict[str, Any]) -> None:
+        """Choose the key encoding from the model's resolved field annotations (called by
+        ``@txindex.model``): bare values when every field has one plain value type. O(fields)."""
+        kinds: list[type] = []
+        for f in self.fields:
+            tp = hints.get(f)
+            if self.multi:
+                args = typing.get_args(tp)
+                origin = typing.get_origin(tp)
+                variadic = origin is tuple and len(args) == 2 and args[1] is Ellipsis
+                tp = args[0] if variadic or (origin is frozenset and len(args) == 1) else None
+            if tp not in _BARE:
+                break
+            kinds.append(typing.cast(type, tp))
+        else:
+            if kinds:
+                self._kinds = tuple(kinds)
+                self._query_enc = tuple(_query_encoder(k) for k in kinds)
+                self.extract = self._compile()
+
+    def canonical(self, key: Any) -> Any:
+        """``key`` in :func:`~txindex.ordering.sort_key` form, whatever the encoding (what fence
+        buckets hash, so that they never depend on it). O(size of key)."""
+        if self._kinds is None:
+            return key
+        if len(self.fields) > 1:
+            return tuple([sort_key(v) for v in key])
+        return sort_key(key)
+
     # -- key extraction ------------------------------------------------------------------------
+
+    def _compile(self) -> Extract:
+        """The fast key extractor for this declaration: what :meth:`entries` returns, without
+        the error messages (any failure there is re-run by :meth:`_entries_checked`)."""
+        if self._func is not None or self.where is not None:
+            return self._entries_checked
+        get = operator.attrgetter(*self.fields)
+        kinds = self._kinds
+        if kinds is None:
+            if self.multi:
+                return self._entries_checked
+            if len(self.fields) > 1:
+                return lambda obj: (tuple([sort_key(v) for v in get(obj)]),)
+            return lambda obj: (sort_key(get(obj)),)
+        if len(kinds) > 1:
+            def compound(obj: Any) -> tuple[Any, ...]:
+                key = get(obj)
+                for v, k in zip(key, kinds, strict=True):
+                    if type(v) is not k or (k is float and v != v):
+                        raise UnorderableValue(repr(v))
+                return (key,)
+            return compound
+        kind = kinds[0]
+        if kind is float:
+            return self._entries_checked  # ints in float fields and NaN: the careful way
+        if self.multi:
+            def multi(obj: Any) -> tuple[Any, ...]:
+                values = get(obj)
+                for v in values:
+                    if type(v) is not kind:
+                        raise UnorderableValue(repr(v))
+                return tuple(values) if len(values) < 2 else tuple(sorted(set(values)))
+            return multi
+        def single(obj: Any) -> tuple[Any, ...]:
+            v = get(obj)
+            if type(v) is not kind:
+                raise UnorderableValue(repr(v))
+            return (v,)
+        return single
 
     def entries(self, obj: M) -> tuple[Any, ...]:
         """The encoded index keys of ``obj``: sorted, deduplicated, ``()`` if ``where`` excludes it.
 
         O(k log k) for a multi index over k elements, O(size of the key) otherwise. Raises
         :class:`UnorderableValue` naming model, index and field (or "computed") for a value that
-        cannot be ordered, and :class:`ModelError` wrapping any exception from a user callable.
+        cannot be ordered (or, for a typed index, that does not have the annotated type), and
+        :class:`ModelError` wrapping any exception from a user callable.
         """
+        try:
+            return self.extract(obj)
+        except Exception:
+            return self._entries_checked(obj)
+
+    def _entries_checked(self, obj: Any) -> tuple[Any, ...]:
+        """:meth:`entries` the slow way, with a clear error for any value that does not fit."""
         if self.where is not None:
             try:
                 keep = self.where(obj)
@@ -157,11 +259,12 @@ class Index(Generic[M]):
             if not keep:
                 return ()
         fields = self.fields
+        encode = self._stored_encoder
         if len(fields) > 1:
             key: list[Any] = []
-            for f in fields:
+            for i, f in enumerate(fields):
                 try:
-                    key.append(sort_key(getattr(obj, f)))
+                    key.append(encode(i, getattr(obj, f)))
                 except UnorderableValue as exc:
                     raise UnorderableValue(f"{self.qualname} (field {f!r}): {exc}") from None
             return (tuple(key),)
@@ -174,12 +277,31 @@ class Index(Generic[M]):
             value = getattr(obj, fields[0])
         try:
             if not self.multi:
-                return (sort_key(value),)
+                return (encode(0, value),)
             if value is None:
                 return ()
-            return tuple(sorted({sort_key(v) for v in self._elements(value)}))
+            return tuple(sorted({encode(0, v) for v in self._elements(value)}))
         except UnorderableValue as exc:
             raise UnorderableValue(f"{self.qualname} ({self._source()}): {exc}") from None
+
+    def _stored_encoder(self, i: int, value: Any) -> Any:
+        """Encode a stored value of field ``i``: ``sort_key``, or for a typed index the value
+        itself after checking its type (subclasses become the plain type, as in sort_key)."""
+        if self._kinds is None:
+            return sort_key(value)
+        kind = self._kinds[i]
+        if type(value) is kind and value == value:
+            return value
+        if kind is float and type(value) is int:
+            return value  # an int is a valid float (the codec keeps it an int)
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            plain = kind(value)
+            if plain == plain:
+                return plain
+        raise UnorderableValue(
+            f"value {value!r} of type {type(value).__name__} is not a {kind.__name__} as "
+            "annotated" + (" (NaN cannot be ordered)" if value != value else "")
+        )
 
     def _elements(self, value: Any) -> Iterable[Any]:
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
@@ -199,6 +321,7 @@ class Index(Generic[M]):
         component to mean "after every value". O(size of value).
         """
         try:
+            enc = self._query_enc
             if len(self.fields) > 1:
                 if not isinstance(value, tuple):
                     raise ModelError(
@@ -210,8 +333,8 @@ class Index(Generic[M]):
                         f"{self.qualname}: query {value!r} has more than "
                         f"{len(self.fields)} components"
                     )
-                return tuple([sort_key(v) for v in value])
-            return sort_key(value)
+                return tuple([e(v) for e, v in zip(enc, value, strict=False)])
+            return enc[0](value)
         except UnorderableValue as exc:
             raise UnorderableValue(f"{self.qualname}: query {exc}") from None
 
@@ -248,8 +371,38 @@ class Index(Generic[M]):
         if not isinstance(s, str):
             raise ModelError(f"{self.qualname}: a prefix query needs a str, got {s!r}")
         succ = str_successor(s)
-        lo: Any = (RANK_STR, s)
-        hi: Any = (RANK_STR, TOP) if succ is None else (RANK_STR, succ)
+        lo: Any
+        hi: Any
+        if self._kinds is None:
+            lo = (RANK_STR, s)
+            hi = (RANK_STR, TOP) if succ is None else (RANK_STR, succ)
+        elif self._kinds[0] is str:
+            lo, hi = s, TOP if succ is None else succ
+        else:
+            lo = hi = BOTTOM  # an index of another type holds no string
         if len(self.fields) > 1:
             lo, hi = (lo,), (hi,)
         return (lo,), (hi,)
+
+
+def _query_encoder(kind: type) -> Callable[[Any], Any]:
+    """Encode a query value for a typed index of ``kind``: the value if it has that type (int
+    and float mix, as numbers do), else ``BOTTOM``/``TOP`` where ``sort_key`` ranks it, so
+    that it matches nothing and bounds a range where the general order would."""
+    rank = _BARE[kind]
+    numeric = kind in (int, float)
+
+    def encode(value: Any) -> Any:
+        t = type(value)
+        if t is kind or (numeric and (t is int or t is float)):
+            if value != value:
+                raise UnorderableValue(f"value {value!r} (NaN) cannot be ordered")
+            return value
+        if value is TOP or value is BOTTOM:
+            return value
+        key = sort_key(value)  # subclasses (IntEnum, StrEnum) and other types
+        if key[0] == rank:
+            return key[1]
+        return BOTTOM if key[0] < rank else TOP
+
+    return encode

@@ -246,6 +246,7 @@ def model(prefix: str, *, key: str) -> Callable[[type[T]], type[T]]:
                         f"{value.qualname} names {f!r}, which is not a field of {name} "
                         f"(fields: {list(fields)})"
                     )
+            value.bind(hints)
             indexes.append(value)
         codec = Codec(cls) if adapter is None else codec_for(adapter, cls)  # hook: adapters
         info = ModelInfo(cls, prefix, key, key_type, tuple(indexes), codec)

@@ -16,7 +16,8 @@ Python refuses to compare values of different types (``1 < "a"`` raises), and an
 Anything else (dict, list, set, arbitrary objects, NaN) raises :class:`UnorderableValue`; the
 message names the value, and :class:`txindex.index.Index` prefixes it with the model, index and
 field. ``TOP`` is a sentinel greater than every encoded value and every primary key, used to build
-inclusive upper bounds for bisection.
+inclusive upper bounds for bisection; ``BOTTOM`` is less than everything (typed indexes use it for
+query values ranked before their type, see :mod:`txindex.index`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from typing import Any, Final, final
 from txindex.errors import UnorderableValue
 
 __all__ = [
+    "BOTTOM",
     "RANK_BOOL",
+    "RANK_BOTTOM",
     "RANK_BYTES",
     "RANK_NONE",
     "RANK_NUMBER",
@@ -36,10 +39,13 @@ __all__ = [
     "RANK_TOP",
     "RANK_TUPLE",
     "TOP",
+    "rank_of",
     "sort_key",
     "str_successor",
 ]
 
+RANK_BOTTOM: Final = -1
+"""Rank of ``sort_key(BOTTOM)``: before every real value (only meaningful in query bounds)."""
 RANK_NONE: Final = 0
 RANK_BOOL: Final = 1
 RANK_NUMBER: Final = 2
@@ -109,6 +115,57 @@ to itself. ``(enc, TOP)`` is therefore an upper bound of every ``(enc, pk)`` ent
 ``("alice", TOP)`` on a compound index lies after every ``("alice", x)`` key."""
 
 
+@final
+class _Bottom:
+    """Type of :data:`BOTTOM`: less than every other object, equal only to itself."""
+
+    __slots__ = ()
+    _instance: _Bottom | None = None
+
+    def __new__(cls) -> _Bottom:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "BOTTOM"
+
+    def __reduce__(self) -> str:
+        return "BOTTOM"
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __ne__(self, other: object) -> bool:
+        return other is not self
+
+    def __hash__(self) -> int:
+        return 0x7E1A_B077
+
+    def __lt__(self, other: object) -> bool:
+        return other is not self
+
+    def __le__(self, other: object) -> bool:
+        return True
+
+    def __gt__(self, other: object) -> bool:
+        return False
+
+    def __ge__(self, other: object) -> bool:
+        return other is self
+
+
+BOTTOM: Final = _Bottom()
+"""Compares less than everything and equal only to itself: the query bound an index of one
+value type uses for a value ranked before that type (no stored key ever equals it)."""
+
+
+def rank_of(value: Any) -> int:
+    """The rank of ``value`` in the documented order (``sort_key(value)[0]``). O(size)."""
+    rank = _EXACT_RANK.get(type(value))
+    return rank if rank is not None else int(sort_key(value)[0])
+
+
 def sort_key(value: Any) -> tuple[Any, ...]:
     """Encode ``value`` into a tuple whose natural order is the documented total order.
 
@@ -131,6 +188,8 @@ def _sort_key_slow(value: Any) -> tuple[Any, ...]:
     """Subclasses of the supported types (IntEnum, StrEnum, NamedTuple, ...) and ``TOP``."""
     if value is TOP:
         return (RANK_TOP,)
+    if value is BOTTOM:
+        return (RANK_BOTTOM,)
     if isinstance(value, bool):
         return (RANK_BOOL, bool(value))
     if isinstance(value, int):
