@@ -445,7 +445,7 @@ def test_checker_detects_divergence(server: EtcdServer, raw: EtcdBackend, dbs: l
         store._indexes[Node.by_tag].clear()
         if item is not None:
             store._indexes[Node.by_tag].add(item)
-        del store._data["nodes/n3"]  # a lost key
+        del store._tables[info_of(Node)]["n3"]  # a lost key
     with pytest.raises(AssertionError, match="nodes/n3"):
         assert_converged(db, raw, PREFIX, timeout=0.3)
 

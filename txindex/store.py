@@ -5,7 +5,8 @@ Only the watcher writes the store (:meth:`Store.load`, :meth:`Store.apply`,
 
 Layout:
 
-* ``_data``: the latest :class:`Entry` of every live key.
+* ``_tables``: per model, the latest :class:`Entry` of every live key by primary key (the key
+  string is not kept: ``<model prefix><pk>`` is derived when needed, saving a string per object).
 * ``_history``: for keys changed after the oldest pinned snapshot, the entry each change
   replaced, as an immutable tuple of ``(revision, entry_before)`` (copy on write, so lock-free
   readers never see a list being mutated).
@@ -48,14 +49,19 @@ Plan = tuple[tuple[Index[Any], Callable[[Any], tuple[Any, ...]], SortedList, "Un
 class Entry:
     """One version of one key. ``value`` is the decoded object, or a :class:`DecodeError`."""
 
-    __slots__ = ("info", "key", "mod_revision", "pk", "value")
+    __slots__ = ("info", "mod_revision", "pk", "value")
 
     def __init__(self, key: str, pk: Any, value: Any, mod_revision: int, info: ModelInfo) -> None:
-        self.key = key
+        # ``key`` is not stored: it is always ``info.prefix + str(pk)`` (see :attr:`key`)
         self.pk = pk
         self.value = value
         self.mod_revision = mod_revision
         self.info = info
+
+    @property
+    def key(self) -> str:
+        """The store key (the etcd key minus the database prefix). O(len(key))."""
+        return f"{self.info.prefix}{self.pk}"
 
     @property
     def broken(self) -> bool:
@@ -101,7 +107,8 @@ class Store:
     def __init__(self, models: Sequence[ModelInfo]) -> None:
         self.models = tuple(models)
         self.revision = 0
-        self._data: dict[str, Entry] = {}
+        self._tables: dict[ModelInfo, dict[Any, Entry]] = {info: {} for info in self.models}
+        self._routes = self._route_table()
         self._history: dict[str, tuple[tuple[int, Entry | None], ...]] = {}
         self._log: deque[Batch] = deque()
         self._pins: dict[int, int] = {}
@@ -155,7 +162,14 @@ class Store:
     def get(self, key: str, revision: int) -> Entry | None:
         """The entry of ``key`` at a pinned ``revision``. Lock-free, O(1) for keys not changed
         since the snapshot, O(h) for a key with h newer versions."""
-        entry = self._data.get(key)
+        return self._at(self._latest(key), key, revision)
+
+    def lookup(self, info: ModelInfo, pk: Any, key: str, revision: int) -> Entry | None:
+        """:meth:`get` for a caller that already has the model, the (valid) primary key and
+        the key ``info.prefix + str(pk)``: one dict probe less work. Lock-free, O(1) as get."""
+        return self._at(self._tables[info].get(pk), key, revision)
+
+    def _at(self, entry: Entry | None, key: str, revision: int) -> Entry | None:
         if entry is not None and entry.mod_revision <= revision:
             return entry
         for rev, before in self._history.get(key, ()):
@@ -166,7 +180,11 @@ class Store:
     def entries(self) -> dict[str, Entry]:
         """A copy of the latest entries (for tests and tools). O(n)."""
         with self._lock:
-            return dict(self._data)
+            return {e.key: e for table in self._tables.values() for e in table.values()}
+
+    def __len__(self) -> int:
+        """Number of live keys. O(models)."""
+        return sum(map(len, self._tables.values()))
 
     def query(
         self,
@@ -233,9 +251,11 @@ class Store:
     def load(self, revision: int, entries: Iterable[Entry]) -> None:
         """Replace the whole state with ``entries`` at ``revision``; indexes are built in bulk
         (one sort each). O(n log n). Only for the first load: resyncs use :meth:`apply`."""
-        data = {e.key: e for e in entries}
+        tables: dict[ModelInfo, dict[Any, Entry]] = {info: {} for info in self.models}
+        for e in entries:
+            tables[e.info][e.pk] = e
         built: dict[Index[Any], list[IndexItem]] = {idx: [] for idx in self._indexes}
-        for entry in data.values():
+        for entry in (e for table in tables.values() for e in table.values()):
             for idx in entry.info.indexes:
                 items = built[idx]
                 for k in index_keys(idx, entry):
@@ -246,7 +266,8 @@ class Store:
             for item in indexes[idx]:
                 _link(by_key, item)
         with self._advanced:
-            self._data, self._indexes, self._unique = data, indexes, unique
+            self._tables, self._indexes, self._unique = tables, indexes, unique
+            self._routes = self._route_table()
             self._plans = self._plan()
             self._history.clear()
             self._log.clear()
@@ -295,6 +316,30 @@ class Store:
 
     # ---- internals -----------------------------------------------------------------------
 
+    def _route_table(self) -> tuple[tuple[str, ModelInfo, dict[Any, Entry]], ...]:
+        """(model prefix, model, its table), longest prefix first (as the watcher's Decoder
+        claims keys)."""
+        infos = sorted(self.models, key=lambda i: len(i.prefix), reverse=True)
+        return tuple((info.prefix, info, self._tables[info]) for info in infos)
+
+    def _route(self, key: str) -> tuple[dict[Any, Entry], Any] | None:
+        """The table and primary key a store key lives under (a key whose suffix is not a
+        canonical primary key is stored, broken, under the suffix string). O(models)."""
+        for prefix, info, table in self._routes:
+            if key.startswith(prefix):
+                suffix = key[len(prefix):]
+                if info.key_type is str:
+                    return table, suffix
+                try:
+                    return table, info.pk_from_suffix(suffix)
+                except ValueError:
+                    return table, suffix
+        return None
+
+    def _latest(self, key: str) -> Entry | None:
+        found = self._route(key)
+        return None if found is None else found[0].get(found[1])
+
     def _plan(self) -> dict[ModelInfo, Plan]:
         return {
             info: tuple(
@@ -309,7 +354,14 @@ class Store:
     ) -> Change | None:
         """Apply one key's change: history, then indexes, then data (lock-free readers rely on
         this order). O(i log n) for i index items of the key."""
-        before = self._data.get(key)
+        if after is not None:
+            table, pk = self._tables[after.info], after.pk
+        else:
+            found = self._route(key)
+            if found is None:
+                return None
+            table, pk = found
+        before = table.get(pk)
         if before is None and after is None:
             return None
         if keep:
@@ -341,9 +393,9 @@ class Store:
                     if by_key is not None:
                         _link(by_key, (k, after.pk, after))
         if after is None:
-            del self._data[key]
+            del table[pk]
         else:
-            self._data[key] = after
+            table[pk] = after
         return Change(key, before, after)
 
     def _index(self, entry: Entry) -> None:
@@ -392,7 +444,7 @@ class Store:
         hidden: set[tuple[Any, Any]] = set()
         shown: list[IndexItem] = []
         for key, then in first_before.items():
-            now = self._data.get(key)
+            now = self._latest(key)
             if now is not None:
                 hidden.update((k, now.pk) for k in index_keys(index, now))
             if then is not None:

@@ -119,7 +119,9 @@ class Transaction:
             w = self.writes.get(key)
             if w is not None:
                 return w.obj  # type: ignore[no-any-return]
-        entry = self._store.get(key, self._rev if self._rev is not None else self._pin())
+        entry = self._store.lookup(
+            info, pk, key, self._rev if self._rev is not None else self._pin()
+        )
         if self.writable:
             self.reads.setdefault(key, 0 if entry is None else entry.mod_revision)
         if entry is None:
