@@ -296,9 +296,12 @@ class Store:
             for revision, updates in batches:
                 if revision <= self.revision:
                     continue
-                changes = [self._apply_one(revision, k, e, reindex, keep) for k, e in updates]
                 if keep:
+                    changes = [self._apply_one(revision, k, e, reindex, keep) for k, e in updates]
                     self._log.append(Batch(revision, tuple(c for c in changes if c is not None)))
+                else:
+                    for k, e in updates:
+                        self._apply_one(revision, k, e, reindex, keep)
                 self.revision = revision
             if self._log:
                 self._trim()
@@ -374,9 +377,13 @@ class Store:
             if after is not None:
                 self._index(after)
         else:
+            old_value, new_value = before.value, after.value
             for idx, extract, sl, by_key in self._plans[after.info]:
-                old = _keys(idx, extract, before)
-                new = _keys(idx, extract, after)
+                try:
+                    old = extract(old_value)
+                    new = extract(new_value)
+                except Exception:  # a broken entry, a value the index cannot order
+                    old, new = index_keys(idx, before), index_keys(idx, after)
                 if old == new:
                     for k in new:  # same keys, new object: swap the items in place
                         _swap(sl, (k, after.pk, after))
@@ -396,12 +403,16 @@ class Store:
             del table[pk]
         else:
             table[pk] = after
-        return Change(key, before, after)
+        return Change(key, before, after) if keep else None
 
     def _index(self, entry: Entry) -> None:
-        pk = entry.pk
+        pk, value = entry.pk, entry.value
         for idx, extract, sl, by_key in self._plans[entry.info]:
-            for k in _keys(idx, extract, entry):
+            try:
+                keys = extract(value)
+            except Exception:  # a broken entry, a value the index cannot order
+                keys = index_keys(idx, entry)
+            for k in keys:
                 item = (k, pk, entry)
                 sl.add(item)
                 if by_key is not None:
