@@ -347,3 +347,33 @@ def test_decode_never_raises_anything_but_decode_error(data: bytes) -> None:
 def test_deeply_nested_json_is_a_decode_error() -> None:
     with pytest.raises(DecodeError, match=r"nested too deeply|not valid JSON"):
         Codec(Rich).decode(b"[" * 100_000 + b"]" * 100_000, "k")
+
+
+_json_texts = st.one_of(
+    st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False,
+                  allow_infinity=False), st.text(max_size=5)),
+        lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+        max_leaves=8,
+    ).map(json.dumps),
+    st.text(max_size=12),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_texts, st.sampled_from(["", " ", "\n", "x", "{}", "1e999", "NaN"]),
+       st.sampled_from(["", " ", "\t"]))
+def test_fast_json_path_matches_the_full_decoder(text: str, tail: str, head: str) -> None:
+    """The scanner fast path returns what JSONDecoder.decode (with our hooks) returns, and
+    raises where it raises."""
+    from txindex.codec import _JSON_DECODER, _json_decode
+
+    doc = head + text + tail
+    try:
+        want: Any = _JSON_DECODER.decode(doc)
+    except ValueError as exc:
+        with pytest.raises(type(exc)):
+            _json_decode(doc)
+        return
+    assert _json_decode(doc) == want

@@ -79,7 +79,20 @@ def _finite_float(text: str) -> float:
     return value
 
 
-_JSON_DECODE = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_JSON_SCAN = _JSON_DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner
+
+
+def _json_decode(text: str) -> Any:
+    """``json.loads`` with our hooks, minus the Python-level whitespace handling when the text
+    has none around the value (what we write); anything else takes the full path."""
+    try:
+        doc, end = _JSON_SCAN(text, 0)
+    except StopIteration:
+        end = -1
+    if end == len(text):
+        return doc
+    return _JSON_DECODER.decode(text)  # leading/trailing whitespace, extra data, errors
 
 
 class _Bad(Exception):
@@ -661,7 +674,7 @@ class Codec(Generic[T]):
     def decode(self, data: bytes, key: str) -> T:
         """The object stored under etcd key ``key``; :class:`DecodeError` if it does not fit."""
         try:
-            doc = _JSON_DECODE(data.decode("utf-8"))
+            doc = _json_decode(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise DecodeError(key, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         except ValueError as exc:
