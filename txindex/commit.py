@@ -23,6 +23,17 @@ Let R be the transaction's snapshot and V the store's applied revision when the 
    ``(V, F]``. Only if something the transaction read changed is it a conflict; otherwise the
    Txn is re-sent with V = F (bounded by ``max_rounds``).
 
+4. **Local apply.** When the Txn succeeds at revision C and the store has applied exactly
+   C - 1, the store's state at C is known: one Txn is one revision, the only changes in the
+   watched prefix at C are this Txn's writes (fences live outside it; the sync key is claimed
+   by no model), so the committing thread applies the writes itself (the objects put, not
+   decoded copies) through :meth:`~txindex.watcher.Watcher.apply_local`, which checks C - 1
+   under the store lock and runs the notification hook like the watch does. The watch later
+   delivers the same revision and ignores it (at or below the applied revision). If another
+   revision came between (another process, another thread of this one, a watch batch not yet
+   applied), nothing is applied and read-your-writes waits for the watch as before. A failed
+   Txn, ``Conflict``, ``TxTooLarge`` and ``CommitUnknown`` never apply anything.
+
 Writes by other tools (``etcdctl``) do not write fences: they are applied to the cache like any
 write and conflict with exact point reads, but they are not serialized against predicate reads
 (or point reads past the compare budget) of transactions in flight.
@@ -81,9 +92,21 @@ def _commit(tx: Transaction) -> int:
         compares.extend(Compare(f, "mod", "<", validated + 1) for f in fences)
         result = db._backend.txn(compares, ops, failure)
         if result.succeeded:
+            _apply_locally(tx, result.revision)
             return result.revision
         db._catch_up(result.revision)
     raise Conflict(f"gave up after {db.max_rounds} re-validation rounds under write load")
+
+
+def _apply_locally(tx: Transaction, revision: int) -> bool:
+    """Apply the committed writes to this process's store at ``revision`` if it has applied
+    exactly ``revision - 1`` (see the module doc); False if the watch must deliver them."""
+    tx._unpin()  # the snapshot is no longer read: the store need keep no history for it
+    updates: list[tuple[str, Entry | None]] = [
+        (key, None if w.obj is None else Entry(key, w.pk, w.obj, revision, w.info))
+        for key, w in tx.writes.items()
+    ]
+    return tx._db._watcher.apply_local(revision, updates)
 
 
 def _ops(tx: Transaction) -> list[Op]:

@@ -178,6 +178,7 @@ class DB:
             "reconnects": s.reconnects,
             "resyncs": s.resyncs,
             "events": s.events,
+            "local_applies": s.local_applies,
             "watcher_alive": self._watcher.alive,
         }
 

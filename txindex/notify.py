@@ -11,11 +11,13 @@ A :class:`Change` carries ``revision``, ``key`` (the store key, ``"nodes/n1"``),
 ``old`` and ``new`` (the object before and after; ``None`` for absent; a
 :class:`~txindex.errors.DecodeError` for a stored value that does not decode).
 
-Delivery: after the watcher has applied a revision to the store, its changes are queued to one
-dispatcher thread per DB, which calls callbacks (or fills iterator queues) in revision order,
-never under a store lock: a callback may open ``db.read()`` and sees at least that revision.
-Each matching key change is delivered once per subscription; a revision that changes several
-matching keys gives several changes with the same revision. Changes with a revision above
+Delivery: after the watcher (or a committing thread of this process, for its own commit: see
+:meth:`~txindex.watcher.Watcher.apply_local`) has applied a revision to the store, its changes
+are queued to one dispatcher thread per DB, which calls callbacks (or fills iterator queues) in
+revision order, never under a store lock: a callback may open ``db.read()`` and sees at least
+that revision. Each matching key change is delivered once per subscription (a commit applied
+locally is skipped when its watch event arrives); a revision that changes several matching
+keys gives several changes with the same revision. Changes with a revision above
 ``Subscription.revision`` are all delivered: the applied revision when ``subscribe`` returned,
 or this process's last commit if that is later (the state a ``db.read()`` opened then sees);
 a resync after compaction reports the net change of each key at the resync revision.
@@ -244,27 +246,33 @@ class Notifier:
             if thread is not threading.current_thread():
                 thread.join(timeout=10)
 
-    # ---- the watcher hook (watcher thread, under Watcher.hook_lock) ----------------------
+    # ---- the watcher hook (watcher or committing thread, under Watcher.hook_lock) --------
 
-    def _apply(self, batches: Updates, reindex: bool) -> None:
-        """Capture the entries each update replaces, apply, then queue the changes."""
+    def _apply(self, batches: Updates, reindex: bool, after: int | None = None) -> bool:
+        """Capture the entries each update replaces, apply, then queue the changes. With
+        ``after``: only if the store's applied revision is exactly ``after`` (a local apply of
+        this process's own commit, :meth:`Watcher.apply_local`); False if nothing applied."""
         revision = self._store.revision
+        if after is not None and revision != after:
+            return False
         current: dict[str, Entry | None] = {}
         out: list[tuple[int, list[tuple[str, Entry | None, Entry | None]]]] = []
         for rev, updates in batches:
             if rev <= revision:
                 continue
             triples = []
-            for key, after in updates:
+            for key, new in updates:
                 before = current[key] if key in current else self._store.get(key, revision)
-                current[key] = after
-                if before is not None or after is not None:
-                    triples.append((key, before, after))
+                current[key] = new
+                if before is not None or new is not None:
+                    triples.append((key, before, new))
             if triples:
                 out.append((rev, triples))
-        self._store.apply(batches, reindex=reindex)
+        if not self._store.apply(batches, reindex=reindex, after=after):
+            return False
         if out:
             self._queue.put(out)
+        return True
 
     # ---- the dispatcher thread -----------------------------------------------------------
 

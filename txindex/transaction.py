@@ -46,8 +46,8 @@ class Transaction:
     """A snapshot transaction; read-write unless opened with ``db.read()``."""
 
     __slots__ = (
-        "_db", "_done", "_fenced", "_overlay", "_rev", "_store", "predicates", "reads",
-        "writable", "writes",
+        "_db", "_done", "_fenced", "_overlay", "_rev", "_store", "_unpinned", "predicates",
+        "reads", "writable", "writes",
     )
 
     def __init__(self, db: DB, *, writable: bool) -> None:
@@ -55,6 +55,7 @@ class Transaction:
         self._store = db._store
         self.writable = writable
         self._rev: int | None = None
+        self._unpinned = False
         self._done = False
         self.reads: dict[str, int] = {}
         self.predicates: list[Predicate] = []
@@ -103,7 +104,12 @@ class Transaction:
     def _end(self) -> None:
         self._done = True
         self._overlay = None
-        if self._rev is not None:
+        self._unpin()
+
+    def _unpin(self) -> None:
+        """Release the snapshot (its revision stays readable as ``revision``). Idempotent."""
+        if self._rev is not None and not self._unpinned:
+            self._unpinned = True
             self._store.unpin(self._rev)
 
     # ---- point reads ---------------------------------------------------------------------

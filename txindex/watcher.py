@@ -42,6 +42,7 @@ class WatchStats:
     unclaimed_keys: int = 0
     reconnects: int = 0
     resyncs: int = 0
+    local_applies: int = 0  # own commits applied by the committing thread (Watcher.apply_local)
     last_error: str = ""
     errors: list[str] = field(default_factory=list)
 
@@ -122,13 +123,14 @@ class Watcher:
         self.stats = WatchStats()
         # Hooks. ``observer``: txindex.metrics (None without metrics=). ``apply_hook``:
         # txindex.notify installs it while subscriptions exist; it replaces ``store.apply``
-        # (capture, apply, queue for the dispatcher). Both are read under ``hook_lock``
-        # (uncontended: one acquire per watch response) so subscribe() starts at an exact
-        # revision.
+        # (capture, apply, queue for the dispatcher), with the same ``after`` contract. Both
+        # are read under ``hook_lock`` (one acquire per watch response or local apply of a
+        # commit) so subscribe() starts at an exact revision and changes queue in order.
         self._observer = observer
         self._on_load_progress = on_load_progress  # called per page of the first load
-        self.apply_hook: Callable[[Sequence[tuple[int, list[tuple[str, Entry | None]]]], bool],
-                                  None] | None = None
+        self.apply_hook: Callable[
+            [Sequence[tuple[int, list[tuple[str, Entry | None]]]], bool, int | None], bool
+        ] | None = None
         self.hook_lock = threading.Lock()
         self._backend = backend
         self._store = store
@@ -251,16 +253,35 @@ class Watcher:
             if self._observer is not None:  # hook: txindex.metrics (cache lag)
                 self._observer.applied(self._store.revision)
 
+    def apply_local(self, revision: int, updates: list[tuple[str, Entry | None]]) -> bool:
+        """Apply this process's own commit at ``revision`` without waiting for its watch event,
+        if the store has applied exactly ``revision - 1`` (then ``updates``, the commit's
+        writes, are every change of the prefix at ``revision``: one Txn is one revision).
+        False (nothing changed) otherwise: the watch delivers it as usual, and ignores its
+        event once applied here. Goes through the same hook as the watch (notifications).
+        Called by committing threads. O(c log n) for c written keys."""
+        store = self._store
+        if store.revision != revision - 1:  # cheap pre-check; apply(after=) decides
+            return False
+        if not self._store_apply([(revision, updates)], after=revision - 1):
+            return False
+        self.stats.local_applies += 1
+        if self._observer is not None:  # hook: txindex.metrics (cache lag)
+            self._observer.applied(revision)
+        return True
+
     def _store_apply(
-        self, batches: Sequence[tuple[int, list[tuple[str, Entry | None]]]], reindex: bool = True
-    ) -> None:
+        self,
+        batches: Sequence[tuple[int, list[tuple[str, Entry | None]]]],
+        reindex: bool = True,
+        after: int | None = None,
+    ) -> bool:
         # hook: txindex.notify replaces store.apply while subscriptions exist (see __init__)
         with self.hook_lock:
             hook = self.apply_hook
             if hook is None:
-                self._store.apply(batches, reindex=reindex)
-            else:
-                hook(batches, reindex)
+                return self._store.apply(batches, reindex=reindex, after=after)
+            return hook(batches, reindex, after)
 
     def _update(self, ev: Event) -> tuple[str, Entry | None] | None:
         if ev.deleted:
