@@ -21,9 +21,11 @@ Index queries and all writes take one lock, so applying a revision batch is atom
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import threading
+import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -123,17 +125,19 @@ class Store:
         self.declared = frozenset(self._indexes)
         self._plans = self._plan()
         self._lock = threading.Lock()
-        self._advanced = threading.Condition(self._lock)
+        # threads waiting for a revision: a heap of (revision, seq, gate); a gate is a held
+        # lock released when the store reaches its revision, so each apply wakes only the
+        # threads whose revision it reached (a Condition's notify_all woke every waiter)
+        self._waiters: list[tuple[int, int, threading.Lock]] = []
+        self._waiter_seq = itertools.count()
 
     # ---- pins ----------------------------------------------------------------------------
 
     def pin(self, min_revision: int = 0, timeout: float | None = None) -> int:
         """Pin a snapshot at the applied revision, waiting until it reaches ``min_revision``.
         Returns the revision, or raises ``TimeoutError``. O(1)."""
-        with self._advanced:
-            if self.revision < min_revision and not self._advanced.wait_for(
-                lambda: self.revision >= min_revision, timeout
-            ):
+        with self._lock:
+            if self.revision < min_revision and not self._wait(min_revision, timeout):
                 raise TimeoutError(f"cache did not reach revision {min_revision}")
             rev = self.revision
             pins = self._pins
@@ -154,8 +158,33 @@ class Store:
 
     def wait_for(self, revision: int, timeout: float | None) -> bool:
         """Block until the applied revision reaches ``revision``; False on timeout."""
-        with self._advanced:
-            return self._advanced.wait_for(lambda: self.revision >= revision, timeout)
+        with self._lock:
+            return self._wait(revision, timeout)
+
+    def _wait(self, revision: int, timeout: float | None) -> bool:
+        """Wait (the caller holds the lock; it is released meanwhile) until the applied
+        revision reaches ``revision``; False on timeout. Woken once, by the apply that gets
+        there (:meth:`_wake`). O(log w) for w waiting threads."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.revision < revision:
+            remaining = -1.0 if deadline is None else deadline - time.monotonic()
+            if deadline is not None and remaining <= 0:
+                return False
+            gate = threading.Lock()
+            gate.acquire()
+            heapq.heappush(self._waiters, (revision, next(self._waiter_seq), gate))
+            self._lock.release()
+            try:
+                gate.acquire(timeout=remaining)
+            finally:
+                self._lock.acquire()
+        return True
+
+    def _wake(self) -> None:
+        """Open the gates of every thread waiting for a revision now applied (lock held)."""
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= self.revision:
+            heapq.heappop(waiters)[2].release()
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -265,14 +294,14 @@ class Store:
         for idx, by_key in unique.items():
             for item in indexes[idx]:
                 _link(by_key, item)
-        with self._advanced:
+        with self._lock:
             self._tables, self._indexes, self._unique = tables, indexes, unique
             self._routes = self._route_table()
             self._plans = self._plan()
             self._history.clear()
             self._log.clear()
             self.revision = revision
-            self._advanced.notify_all()
+            self._wake()
 
     def apply(
         self,
@@ -287,7 +316,7 @@ class Store:
         return False): a process that knows every change of the next revision (its own commit
         when no other revision came between) can apply it without waiting for the watch.
         O(c log n) for c changed keys. ``reindex=False`` exists only for a seeded bug."""
-        with self._advanced:
+        with self._lock:
             if after is not None and self.revision != after:
                 return False
             # With no snapshot pinned nobody can read an older version (pins are taken under
@@ -305,17 +334,17 @@ class Store:
                 self.revision = revision
             if self._log:
                 self._trim()
-            self._advanced.notify_all()
+            self._wake()
             return True
 
     def advance(self, revision: int) -> None:
         """Record that every change up to ``revision`` has been applied (a progress
         notification). O(1)."""
-        with self._advanced:
+        with self._lock:
             if revision > self.revision:
                 self.revision = revision
                 self._trim()
-                self._advanced.notify_all()
+                self._wake()
 
     # ---- internals -----------------------------------------------------------------------
 
