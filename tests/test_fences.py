@@ -45,6 +45,12 @@ SCENARIOS: dict[str, tuple[Query, list[Node], tuple[str, ...]]] = {
         [Node("r1", "x", "ip-r1", (), 150.0)], ()),
     "delete seen by an equality query": (
         lambda tx: tx.find(Node.by_user, "old"), [], ("o1",)),
+    # no index key of by_user / by_ip moves here: no bucket fence is written for them, the
+    # returned object's own compare must catch the change of its content
+    "content change of an object find returned": (
+        lambda tx: tx.find(Node.by_user, "old"), [Node("o1", "old", "ip-o1", ("new",))], ()),
+    "content change of an object first returned": (
+        lambda tx: tx.first(Node.by_ip, "ip-o1"), [Node("o1", "old", "ip-o1", ("new",))], ()),
 }
 
 
@@ -73,11 +79,33 @@ def test_disjoint_equality_queries_commit_without_rounds(make_db: MakeDB) -> Non
     assert tx.commit() is not None  # no Conflict, and no round that waits for the cache
 
 
+def test_an_update_that_keeps_its_index_keys_writes_no_bucket_fence(make_db: MakeDB) -> None:
+    """Bucket fences mark objects entering or leaving a key; an update that moves no index
+    key (and keeps its unique key, which it already held) owes only the model fence."""
+    from txindex.commit import _ops
+    from txindex.fences import model_fence
+    from txindex.model import info_of
+
+    db = make_db()
+    with db.tx() as tx:
+        tx.put(Node("k1", "kim", "ip-k1", ("a",), 1.0))
+    tx = db.tx()
+    tx.put(Node("k1", "kim", "ip-k1", ("a",), 1.0))  # same keys, a new object
+    assert tx.predicates == []  # the unique key was held: no predicate, no fence compare
+    keys = [op.key for op in _ops(tx)]
+    assert keys == [f"{db.prefix}nodes/k1".encode(), model_fence(db.prefix, info_of(Node))]
+    tx.put(Node("k1", "kim", "ip-k1", ("a", "b"), 1.0))  # enters by_tag "b"
+    fences = [op.key for op in _ops(tx) if b"/bucket/" in op.key]
+    assert fences == [bucket_fence(db.prefix, Node.by_tag, "b")]
+    tx.put(Node("k1", "kim", "ip-k2", ("a",), 1.0))  # a new unique key is checked
+    assert [p[0] for p in tx.predicates] == [Node.by_ip]
+    tx.rollback()
+
+
 def test_equal_keys_share_a_bucket_across_types() -> None:
     assert _canonical(sort_key(1)) == _canonical(sort_key(1.0))
-    assert bucket_fence("p/", Node.by_user, sort_key("a")) == bucket_fence(
-        "p/", Node.by_user, sort_key("a"))
-    buckets = {bucket_fence("p/", Node.by_user, sort_key(f"user{i}")) for i in range(200)}
+    assert bucket_fence("p/", Node.by_user, "a") == bucket_fence("p/", Node.by_user, "a")
+    buckets = {bucket_fence("p/", Node.by_user, f"user{i}") for i in range(200)}
     assert len(buckets) > 150  # spread over BUCKETS
     assert all(int(b.rsplit(b"/", 1)[1]) < BUCKETS for b in buckets)
 

@@ -119,7 +119,7 @@ def _ops(tx: Transaction) -> list[Op]:
         ops.append(Delete(full) if w.data is None else Put(full, w.data))
         owed = buckets.setdefault(w.info, set())
         for idx, old in w.old_keys.items():
-            for k in {*old, *w.keys[idx]}:
+            for k in set(old).symmetric_difference(w.keys[idx]):  # entered or left
                 owed.add(bucket_fence(prefix, idx, k))
     if not any(isinstance(op, Put) for op in ops):
         # Deletes of absent keys make no event in the prefix and the fences live outside it:

@@ -8,9 +8,13 @@ transaction that queried an index compares the fences its query depends on
 (``mod_revision < V + 1``). Three kinds, per model M:
 
 * ``fence/M`` — written by every commit that writes M. Guards range queries.
-* ``bucket/M<index>/<b>`` — written for every index key a commit adds or removes (old and new
-  keys), ``b`` a stable hash of the key modulo :data:`BUCKETS`. Guards equality queries
-  (``find``, ``first``, ``count``, unique checks) without colliding with unrelated writers.
+* ``bucket/M<index>/<b>`` — written for every index key an object enters or leaves (not for
+  keys it keeps), ``b`` a stable hash of the key modulo :data:`BUCKETS`. Guards the membership
+  of equality queries (``find``, ``first``, ``count``, unique checks) without colliding with
+  unrelated writers. The objects ``find``/``first`` return are point reads of the
+  transaction, so a change to their content is caught by their own compares; a unique key the
+  written object already held in the snapshot needs no check at commit (any change of its
+  holder changes that object).
 * ``coarse/M`` — written instead of the bucket fences when those would not fit the Txn's
   operation budget. Equality queries compare it too.
 

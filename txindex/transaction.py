@@ -143,12 +143,17 @@ class Transaction:
         """Every object whose ``index`` key equals ``value``, ordered by (index key, primary
         key). O(log n + m)."""
         lo, hi = index.eq_bounds(value)
-        return [it[2].value for it in self._query(index, lo, hi, False, None)]
+        items = self._query(index, lo, hi, False, None)
+        if self.writable:
+            self._read_members(items)
+        return [it[2].value for it in items]
 
     def first(self, index: Index[M], value: Any) -> M | None:
         """The first object whose ``index`` key equals ``value``, or ``None``. O(log n)."""
         lo, hi = index.eq_bounds(value)
         items = self._query(index, lo, hi, False, 1)
+        if self.writable:
+            self._read_members(items)
         return items[0][2].value if items else None
 
     def range(
@@ -181,9 +186,16 @@ class Transaction:
         return n if ov is None else n + ov.count_delta(lo, hi)
 
     def _query(
-        self, index: Index[Any], lo: Any, hi: Any, reverse: bool, limit: int | None
+        self,
+        index: Index[Any],
+        lo: Any,
+        hi: Any,
+        reverse: bool,
+        limit: int | None,
+        *,
+        predicate: bool = True,
     ) -> list[Any]:
-        rev = self._record(index, lo, hi)
+        rev = self._record(index, lo, hi, predicate=predicate)
         ov = None if self._overlay is None else self._overlay.get(index)
         if ov is None:
             return self._store.query(index, lo, hi, rev, reverse=reverse, limit=limit)
@@ -191,13 +203,21 @@ class Transaction:
         base = self._store.query(index, lo, hi, rev, reverse=reverse, limit=need)
         return ov.merge(base, lo, hi, reverse, limit)
 
-    def _record(self, index: Index[Any], lo: Any, hi: Any) -> int:
+    def _read_members(self, items: list[Any]) -> None:
+        """Record the objects an equality query returned as point reads: bucket fences only
+        move when an object enters or leaves a key (see txindex.fences), so a change to a
+        returned object's content is caught by its own compare. O(m)."""
+        reads = self.reads
+        for _key, _pk, entry in items:
+            reads.setdefault(entry.key, entry.mod_revision)
+
+    def _record(self, index: Index[Any], lo: Any, hi: Any, *, predicate: bool = True) -> int:
         if self._done:
             self._check_open()
         if index not in self._store.declared:
             raise ModelError(f"{index!r} is not an index of a model of this database")
         rev = self._rev if self._rev is not None else self._pin()
-        if self.writable:
+        if self.writable and predicate:
             self.predicates.append((index, lo, hi))
         return rev
 
@@ -215,10 +235,15 @@ class Transaction:
         key = info.prefix + info.key_suffix(pk)
         data = info.encode(obj)
         new_keys = {idx: idx.entries(obj) for idx in info.indexes}
+        held: dict[Index[Any], tuple[Any, ...]] | None = None
         for idx, keys in new_keys.items():
-            if idx.unique:
+            if idx.unique and keys:
+                if held is None:
+                    held = self._held_keys(info, key)
                 for k in keys:
-                    self._check_unique(idx, k, pk)
+                    # a key the object already held in the snapshot needs no predicate: any
+                    # concurrent change to who holds it changes this object (its compare)
+                    self._check_unique(idx, k, pk, predicate=k not in held[idx])
         self._write(key, Write(info, pk, obj, data, key, new_keys))
 
     def delete(self, cls: type[Any], pk: Any) -> None:
@@ -256,8 +281,16 @@ class Transaction:
             self.reads.setdefault(key, 0 if snap is None else snap.mod_revision)
         self.writes[key] = write
 
-    def _check_unique(self, index: Index[Any], key: Any, pk: Any) -> None:
-        items = self._query(index, (key,), (key, TOP), False, 2)
+    def _held_keys(self, info: ModelInfo, key: str) -> dict[Index[Any], tuple[Any, ...]]:
+        """The unique-index keys the object under ``key`` had in this snapshot."""
+        prior = self.writes.get(key)
+        if prior is not None:
+            return prior.old_keys
+        snap = self._store.get(key, self._pin())
+        return {idx: index_keys(idx, snap) for idx in info.indexes if idx.unique}
+
+    def _check_unique(self, index: Index[Any], key: Any, pk: Any, *, predicate: bool) -> None:
+        items = self._query(index, (key,), (key, TOP), False, 2, predicate=predicate)
         holders = [it[1] for it in items if it[1] != pk]
         if holders:
             raise UniqueViolation(index.qualname, _plain(key), holders[0])
