@@ -1,13 +1,16 @@
 """The watcher: the only writer of the store.
 
 It loads the database prefix in pages at one pinned revision, then watches from that
-revision + 1, using progress notifications as a liveness check. A stream that fails, or that
-stays silent past a progress request, is replaced (backoff with jitter) and resumed at the
-last applied revision + 1. A compacted resume point triggers a resync: a fresh paged load
-diffed against the store and applied as one atomic batch, indexes included. Events at or below
-the applied revision are ignored. Values that do not decode are stored as
-:class:`~txindex.errors.DecodeError` (logged and counted) so that ``get`` raises for that key;
-nothing here stops the thread but ``stop``.
+revision + 1. A stream that fails, or that stays silent past a liveness check, is replaced
+(backoff with jitter) and resumed at the last applied revision + 1. The liveness check is a
+progress request after ``progress_interval`` of silence (answered within another interval),
+or, for a backend with ``follow`` (etcd: :class:`~txindex.backend.etcd.EtcdFollowStream`, read
+directly by this thread with no hand-off), the stream's own watchdog probing the endpoint.
+A compacted resume point triggers a resync: a fresh paged load diffed against the store and
+applied as one atomic batch, indexes included. Events at or below the applied revision are
+ignored (a commit of this process may have been applied by its committing thread). Values
+that do not decode are stored as :class:`~txindex.errors.DecodeError` (logged and counted) so
+that ``get`` raises for that key; nothing here stops the thread but ``stop``.
 """
 
 from __future__ import annotations
@@ -212,12 +215,19 @@ class Watcher:
         start = self._store.revision + 1
         if "watch_from_zero" in _seeded.active and self.stats.reconnects:
             start = self._backend.current_revision() + 1  # seeded bug: resume "from now"
-        stream = self._backend.watch(self._start, self._end, start)
+        follow = getattr(self._backend, "follow", None)
+        timeout: float | None
+        if follow is not None:  # a stream read in this thread, with its own liveness check
+            stream = follow(self._start, self._end, start, self._progress_interval)
+            timeout = None
+        else:
+            stream = self._backend.watch(self._start, self._end, start)
+            timeout = self._progress_interval
         self._stream = stream
         waiting = False
         try:
             while not self._stopping.is_set():
-                resp = stream.get(self._progress_interval)
+                resp = stream.get(timeout)
                 if resp is None:
                     if waiting:
                         raise TimeoutError("watch stream silent past a progress request")
