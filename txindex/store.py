@@ -406,28 +406,28 @@ class Store:
             if after is not None:
                 self._index(after)
         else:
-            old_value, new_value = before.value, after.value
+            old_value, new_value, pk = before.value, after.value, after.pk
             for idx, extract, sl, by_key in self._plans[after.info]:
                 try:
                     old = extract(old_value)
                     new = extract(new_value)
                 except Exception:  # a broken entry, a value the index cannot order
                     old, new = index_keys(idx, before), index_keys(idx, after)
-                if old == new:
-                    for k in new:  # same keys, new object: swap the items in place
-                        _swap(sl, (k, after.pk, after))
-                        if by_key is not None:
-                            _unlink(by_key, (k, before.pk, before))
-                            _link(by_key, (k, after.pk, after))
-                    continue
-                for k in old:
-                    sl.remove((k, before.pk, before))
-                    if by_key is not None:
-                        _unlink(by_key, (k, before.pk, before))
                 for k in new:
-                    sl.add((k, after.pk, after))
+                    item = (k, pk, after)
+                    if k in old:  # kept key, new object: swap the item in place
+                        _swap(sl, item)
+                        if by_key is not None:
+                            _relink(by_key, before, item)
+                        continue
+                    sl.add(item)
                     if by_key is not None:
-                        _link(by_key, (k, after.pk, after))
+                        _link(by_key, item)
+                for k in old:
+                    if k not in new:
+                        sl.remove((k, pk, before))
+                        if by_key is not None:
+                            _unlink(by_key, (k, pk, before))
         if after is None:
             del table[pk]
         else:
@@ -526,6 +526,16 @@ def _link(by_key: UniqueMap, item: IndexItem) -> None:
     """Add ``item`` to a unique map: the item itself, a sorted list only on a clash."""
     current = by_key.get(item[0])
     by_key[item[0]] = item if current is None else sorted([*_items(current), item], key=_order)
+
+
+def _relink(by_key: UniqueMap, before: Entry, item: IndexItem) -> None:
+    """Replace ``before``'s item under ``item``'s key by ``item`` (same key, same pk)."""
+    current = by_key.get(item[0])
+    if type(current) is tuple and current[2] is before:
+        by_key[item[0]] = item
+    else:
+        _unlink(by_key, (item[0], item[1], before))
+        _link(by_key, item)
 
 
 def _unlink(by_key: UniqueMap, item: IndexItem) -> None:
