@@ -93,6 +93,7 @@ _TARGETS = {
     "version": etcdrpc.Compare.VERSION,
     "value": etcdrpc.Compare.VALUE,
 }
+_MOD = etcdrpc.Compare.MOD
 _FIELDS = {"mod": "mod_revision", "create": "create_revision", "version": "version"}
 _OPS = {
     "=": etcdrpc.Compare.EQUAL,
@@ -207,6 +208,29 @@ def _op_pb(op: Op) -> Any:
     return etcdrpc.RequestOp(
         request_delete_range=etcdrpc.DeleteRangeRequest(key=op.key, range_end=op.range_end or b"")
     )
+
+
+def _txn_pb(compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> Any:
+    """The TxnRequest, built in place (a third of the cost of building each message and
+    copying it into its parent, which is what keyword construction does)."""
+    req = etcdrpc.TxnRequest()
+    add = req.compare.add
+    for c in compares:
+        if c.target == "mod" and type(c.value) is int and not c.range_end:  # the usual kind
+            add(key=c.key, target=_MOD, result=_OPS[c.op], mod_revision=c.value)
+        else:
+            req.compare.append(_compare_pb(c))
+    for ops, repeated in ((success, req.success), (failure, req.failure)):
+        add = repeated.add
+        for op in ops:
+            if type(op) is Put:
+                put = add().request_put
+                put.SetInParent()
+                put.key = op.key
+                put.value = op.value
+            else:
+                repeated.append(_op_pb(op))
+    return req
 
 
 def _normalize(endpoint: str) -> str:
@@ -781,11 +805,7 @@ class EtcdBackend:
         """Send one Txn (never retried once it may have reached a server). Raises
         ``CommitUnknown``, ``TxTooLarge``, ``RequestRejected``, or ``Unavailable`` when no
         endpoint could even be connected to (then nothing was applied)."""
-        req = etcdrpc.TxnRequest(
-            compare=[_compare_pb(c) for c in compares],
-            success=[_op_pb(o) for o in success],
-            failure=[_op_pb(o) for o in failure],
-        )
+        req = _txn_pb(compares, success, failure)
         last: grpc.RpcError | None = None
         for _ in range(len(self._endpoints)):
             i, ep = self._pick()
