@@ -29,10 +29,12 @@ Let R be the transaction's snapshot and V the store's applied revision when the 
    by no model), so the committing thread applies the writes itself (the objects put, not
    decoded copies) through :meth:`~txindex.watcher.Watcher.apply_local`, which checks C - 1
    under the store lock and runs the notification hook like the watch does. The watch later
-   delivers the same revision and ignores it (at or below the applied revision). If another
-   revision came between (another process, another thread of this one, a watch batch not yet
-   applied), nothing is applied and read-your-writes waits for the watch as before. A failed
-   Txn, ``Conflict``, ``TxTooLarge`` and ``CommitUnknown`` never apply anything.
+   delivers the same revision and ignores it (at or below the applied revision). If the
+   store is further behind (a commit of another thread of this process, or a revision of
+   another writer, not yet applied), the writes are kept (a few dozen commits at most) and
+   applied when the store reaches C - 1, by the watcher or by the thread that gets it there;
+   meanwhile read-your-writes waits as before. A failed Txn, ``Conflict``, ``TxTooLarge``
+   and ``CommitUnknown`` never apply anything.
 
 Writes by other tools (``etcdctl``) do not write fences: they are applied to the cache like any
 write and conflict with exact point reads, but they are not serialized against predicate reads

@@ -4,7 +4,8 @@ A transaction pins the store's applied revision at its first operation and reads
 (points and index queries) as of that revision, merged with its own writes. A read-write
 transaction records what it read: each point read as ``(key, mod_revision)`` (0 for absent)
 and each index query as a predicate ``(index, lo, hi)``. :mod:`txindex.commit` turns those into
-one etcd Txn. A transaction belongs to one thread.
+one etcd Txn. The index overlay of its own writes is built by the first index query after
+them (a transaction that only writes never builds one). A transaction belongs to one thread.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .errors import Closed, DecodeError, ModelError, TxTooLarge, UniqueViolation
 from .index import Index
 from .model import ModelInfo, info_of
 from .ordering import TOP
-from .overlay import Overlay
+from .overlay import IndexOverlay, Overlay
 from .store import Entry, index_keys
 
 if TYPE_CHECKING:
@@ -46,8 +47,8 @@ class Transaction:
     """A snapshot transaction; read-write unless opened with ``db.read()``."""
 
     __slots__ = (
-        "_db", "_done", "_fenced", "_overlay", "_rev", "_store", "_unpinned", "predicates",
-        "reads", "writable", "writes",
+        "_db", "_done", "_fenced", "_moves", "_overlay", "_rev", "_store", "_unpinned",
+        "predicates", "reads", "writable", "writes",
     )
 
     def __init__(self, db: DB, *, writable: bool) -> None:
@@ -61,7 +62,11 @@ class Transaction:
         self.predicates: list[Predicate] = []
         self.writes: dict[str, Write] = {}
         self._fenced: set[ModelInfo] = set()
-        self._overlay: Overlay | None = None  # created by the first write
+        self._overlay: Overlay | None = None  # created by the first query after a write
+        # index moves of the writes not yet in the overlay: (index, pk, old keys, new keys,
+        # entry), applied in order by the next index query (most commits have none after
+        # their last write, and never pay for an overlay)
+        self._moves: list[tuple[Index[Any], Any, tuple[Any, ...], tuple[Any, ...], Any]] = []
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -104,6 +109,7 @@ class Transaction:
     def _end(self) -> None:
         self._done = True
         self._overlay = None
+        self._moves = []
         self._unpin()
 
     def _unpin(self) -> None:
@@ -182,7 +188,7 @@ class Transaction:
         lo, hi = index.eq_bounds(value)
         rev = self._record(index, lo, hi)
         n = self._store.count(index, lo, hi, rev)
-        ov = None if self._overlay is None else self._overlay.get(index)
+        ov = self._overlay_of(index)
         return n if ov is None else n + ov.count_delta(lo, hi)
 
     def _query(
@@ -196,7 +202,7 @@ class Transaction:
         predicate: bool = True,
     ) -> list[Any]:
         rev = self._record(index, lo, hi, predicate=predicate)
-        ov = None if self._overlay is None else self._overlay.get(index)
+        ov = self._overlay_of(index)
         if ov is None:
             return self._store.query(index, lo, hi, rev, reverse=reverse, limit=limit)
         need = None if limit is None else limit + len(ov.removed)
@@ -210,6 +216,17 @@ class Transaction:
         reads = self.reads
         for _key, _pk, entry in items:
             reads.setdefault(entry.key, entry.mod_revision)
+
+    def _overlay_of(self, index: Index[Any]) -> IndexOverlay | None:
+        """The overlay of ``index`` with every write so far (None if no write touched it)."""
+        if self._moves:
+            ov = self._overlay
+            if ov is None:
+                ov = self._overlay = Overlay()
+            for move in self._moves:
+                ov.replace(*move)
+            self._moves = []
+        return None if self._overlay is None else self._overlay.get(index)
 
     def _record(self, index: Index[Any], lo: Any, hi: Any, *, predicate: bool = True) -> int:
         if self._done:
@@ -271,9 +288,7 @@ class Transaction:
                 prev = old.keys[idx]
             else:
                 write.old_keys[idx] = prev = index_keys(idx, snap)
-            if self._overlay is None:
-                self._overlay = Overlay()
-            self._overlay.replace(idx, write.pk, prev, keys, write.entry)
+            self._moves.append((idx, write.pk, prev, keys, write.entry))
         if old is None:
             self._fenced.add(write.info)
             # A write is also a read of the key's version: its fences name the index keys the

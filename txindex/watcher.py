@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("txindex.watcher")
 
+MAX_PENDING = 64  # own commits kept for a local apply while the store is further behind
+
 
 @dataclass
 class WatchStats:
@@ -135,6 +137,9 @@ class Watcher:
             [Sequence[tuple[int, list[tuple[str, Entry | None]]]], bool, int | None], bool
         ] | None = None
         self.hook_lock = threading.Lock()
+        # this process's commits known to be the whole of their revision, waiting for the
+        # store to reach the revision before (see apply_local); guarded by hook_lock
+        self._pending: dict[int, list[tuple[str, Entry | None]]] = {}
         self._backend = backend
         self._store = store
         self._start = prefix.encode()
@@ -267,31 +272,63 @@ class Watcher:
         """Apply this process's own commit at ``revision`` without waiting for its watch event,
         if the store has applied exactly ``revision - 1`` (then ``updates``, the commit's
         writes, are every change of the prefix at ``revision``: one Txn is one revision).
-        False (nothing changed) otherwise: the watch delivers it as usual, and ignores its
-        event once applied here. Goes through the same hook as the watch (notifications).
-        Called by committing threads. O(c log n) for c written keys."""
-        store = self._store
-        if store.revision != revision - 1:  # cheap pre-check; apply(after=) decides
-            return False
-        if not self._store_apply([(revision, updates)], after=revision - 1):
-            return False
-        self.stats.local_applies += 1
+        If the store is further behind (another thread's commit, or another writer's, not yet
+        applied), the commit is kept (at most :data:`MAX_PENDING`) and applied as soon as the
+        store reaches ``revision - 1``, by whichever thread gets it there; the watch delivers
+        it otherwise, and ignores its event once applied here. Goes through the same hook as
+        the watch (notifications). Called by committing threads; True if applied now.
+        O(c log n) for c written keys."""
+        with self.hook_lock:
+            applied = self._store.revision
+            if revision <= applied:  # the watch was first
+                return False
+            if revision - 1 > applied:
+                if len(self._pending) < MAX_PENDING:
+                    self._pending[revision] = updates
+                return False
+            if not self._apply_locked([(revision, updates)], True, applied):
+                return False
+            self.stats.local_applies += 1
+            if self._pending:
+                self._drain_locked()
         if self._observer is not None:  # hook: txindex.metrics (cache lag)
-            self._observer.applied(revision)
+            self._observer.applied(self._store.revision)
         return True
 
     def _store_apply(
         self,
         batches: Sequence[tuple[int, list[tuple[str, Entry | None]]]],
         reindex: bool = True,
-        after: int | None = None,
+    ) -> None:
+        with self.hook_lock:
+            self._apply_locked(batches, reindex, None)
+            if self._pending:
+                self._drain_locked()
+
+    def _apply_locked(
+        self,
+        batches: Sequence[tuple[int, list[tuple[str, Entry | None]]]],
+        reindex: bool,
+        after: int | None,
     ) -> bool:
         # hook: txindex.notify replaces store.apply while subscriptions exist (see __init__)
-        with self.hook_lock:
-            hook = self.apply_hook
-            if hook is None:
-                return self._store.apply(batches, reindex=reindex, after=after)
-            return hook(batches, reindex, after)
+        hook = self.apply_hook
+        if hook is None:
+            return self._store.apply(batches, reindex=reindex, after=after)
+        return hook(batches, reindex, after)
+
+    def _drain_locked(self) -> None:
+        """Apply kept commits of this process that now directly follow the store's revision;
+        drop those it has passed. Caller holds ``hook_lock``."""
+        pending = self._pending
+        applied = self._store.revision
+        for rev in [r for r in pending if r <= applied]:
+            del pending[rev]
+        while applied + 1 in pending:
+            if not self._apply_locked([(applied + 1, pending.pop(applied + 1))], True, applied):
+                break
+            self.stats.local_applies += 1
+            applied += 1
 
     def _update(self, ev: Event) -> tuple[str, Entry | None] | None:
         if ev.deleted:
