@@ -120,3 +120,26 @@ def test_equality_key_recognises_only_exact_bounds() -> None:
     assert equality_key(lo, hi) is None
     lo, hi = Node.by_user_seen.eq_bounds(("alice", 1.0))
     assert equality_key(lo, hi) is not None
+
+
+def test_fences_always_fit_when_put_accepted_the_writes() -> None:
+    """put() admits writes while two fences per model written (model + coarse) and the sync
+    key still fit; whatever the bucket counts, the commit's Txn must then fit too (the bucket
+    fences of one model must leave room for the coarse fences of the others)."""
+    from .models import User
+
+    for nodes in range(0, 10):
+        for users in range(0, 10):
+            db = txindex.open("memory://", models=[Node, User], max_txn_ops=24)
+            try:
+                with db.tx() as tx:
+                    try:
+                        for i in range(nodes):
+                            tx.put(Node(f"n{i}", f"u{i}", f"ip{i}", (f"t{i}",)))
+                        for i in range(users):
+                            tx.put(User(f"m{i}", f"team{i}"))
+                    except txindex.TxTooLarge:
+                        tx.rollback()
+                        continue
+            finally:
+                db.close()

@@ -134,10 +134,12 @@ def _ops(tx: Transaction) -> list[Op]:
         # Deletes of absent keys make no event in the prefix and the fences live outside it:
         # the sync key gives the watch an event at the commit revision (read-your-writes).
         ops.append(Put(sync_key(prefix), b""))
-    budget = tx._db.max_txn_ops - len(ops) - len(buckets)
-    for info in sorted(buckets, key=lambda i: len(buckets[i])):
+    budget = tx._db.max_txn_ops - len(ops) - len(buckets)  # the model fences are reserved
+    models = sorted(buckets, key=lambda i: len(buckets[i]))
+    for n, info in enumerate(models):
         ops.append(Put(_model_fence(prefix, info), b""))
-        if len(buckets[info]) <= budget:
+        later = len(models) - n - 1  # each later model may still need its coarse fence
+        if len(buckets[info]) <= budget - later:
             budget -= len(buckets[info])
             ops.extend(Put(f, b"") for f in sorted(buckets[info]))
         else:
