@@ -587,12 +587,13 @@ class EtcdFollowStream:
             try:
                 self._probe(self._liveness)
             except Exception as e:
+                why = f"{_code(e)}: {_details(e)}" if isinstance(e, grpc.RpcError) else repr(e)
                 with self._lock:
                     if self._closed:
                         return
                     self._broken = (
                         f"watch stream silent for {self._liveness:g}s and its endpoint did not "
-                        f"answer a probe: {e}"
+                        f"answer a probe: {why}"
                     )
                 if self._on_failure is not None:
                     self._on_failure()
