@@ -158,6 +158,7 @@ def commit_vs_raw(ctx: Context) -> Measured:
     visible_t.clear()
     recorder.seconds.clear()
     txns0 = recorder.succeeded + recorder.failed
+    local0 = db.stats()["local_applies"]
     cand, base = interleave(ctx.pick(2, 10, 25), candidate, baseline)
     return Measured(
         median(cand) * 1e3,
@@ -169,6 +170,8 @@ def commit_vs_raw(ctx: Context) -> Measured:
             "visible_wait_ms": median(visible_t) * 1e3,
             "txn_rpc_ms": median(recorder.seconds) * 1e3,
             "txns_per_commit": (recorder.succeeded + recorder.failed - txns0) / len(cand),
+            # share of commits the committing thread applied itself (else the watch did)
+            "local_apply_share": (db.stats()["local_applies"] - local0) / len(cand),
             "txn_shape": recorder.shape,
             "model_rows": n_rows,
             "samples": len(cand),

@@ -68,8 +68,11 @@ def throughput_8threads_vs_raw(ctx: Context) -> Measured:
     }
     for ws in sides.values():  # warm-up: channels, code paths
         run_threads(ws, 0.2)
+    local0 = db.stats()["local_applies"]
     res = _alternate(ctx.pick(2, 4, 6), lambda side: run_threads(sides[side], duration))
     m = _summary(res)
+    # share of commits the committing threads applied themselves (else the watch did)
+    m.extra["local_apply_share"] = (db.stats()["local_applies"] - local0) / m.extra["commits"]
     with db.read() as tx:  # every writer's last commit is visible
         for w in sides["txindex"]:
             assert tx.get(Host, w.w.id).last_seen == float(w.i), w.w.id

@@ -46,7 +46,11 @@ every index key added or removed (or the model's coarse fence when those do not 
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
+import types
+import typing
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -111,11 +115,53 @@ def _apply_locally(tx: Transaction, revision: int) -> bool:
     """Apply the committed writes to this process's store at ``revision`` if it has applied
     exactly ``revision - 1`` (see the module doc); False if the watch must deliver them."""
     tx._unpin()  # the snapshot is no longer read: the store need keep no history for it
-    updates: list[tuple[str, Entry | None]] = [
-        (key, None if w.obj is None else Entry(key, w.pk, w.obj, revision, w.info))
-        for key, w in tx.writes.items()
-    ]
+    updates: list[tuple[str, Entry | None]] = []
+    for key, w in tx.writes.items():
+        if w.obj is None:
+            updates.append((key, None))
+            continue
+        # the object put, unless its model's encoding does not round-trip it exactly (the
+        # watch would then cache another value: a list in an ``Any`` field comes back a tuple)
+        obj = w.obj if _exact(w.info) else w.info.decode(w.data, key)  # type: ignore[arg-type]
+        updates.append((key, Entry(key, w.pk, obj, revision, w.info)))
     return tx._db._watcher.apply_local(revision, updates)
+
+
+@functools.cache
+def _exact(info: ModelInfo) -> bool:
+    """True if every object of the model decodes to an equal object of the same types
+    (``decode(encode(x))`` could stand for ``x``): a dataclass whose fields are str, int,
+    float, bool, bytes, None, enums, literals, optionals, tuples and frozensets of those, or
+    such dataclasses. ``Any``/``object`` fields, unions of several types and adapter classes
+    are not (their values are decoded for the cache instead)."""
+    return _exact_type(info.cls, set())
+
+
+def _exact_type(tp: Any, seen: set[type]) -> bool:
+    if tp in (str, int, float, bool, bytes, None, type(None)):
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _exact_type(args[0], seen)
+    if origin is typing.Literal:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        rest = [a for a in args if a is not type(None)]
+        return len(rest) == 1 and _exact_type(rest[0], seen)
+    if origin in (tuple, frozenset):
+        return all(a is Ellipsis or _exact_type(a, seen) for a in args) and bool(args)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return True
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if tp in seen:
+            return True
+        seen.add(tp)
+        try:
+            hints = typing.get_type_hints(tp)
+        except Exception:
+            return False
+        return all(_exact_type(hints[f.name], seen) for f in dataclasses.fields(tp) if f.init)
+    return False
 
 
 def _ops(tx: Transaction) -> list[Op]:

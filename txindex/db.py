@@ -75,7 +75,8 @@ class DB:
             backend, self._store, prefix, page_size=page_size, progress_interval=progress_interval,
             observer=self._observer, on_load_progress=on_load_progress,
         )
-        self._visible_cell = _visibility(visibility_key)
+        self._visible_cell = _visibility(visibility_key, prefix)
+        self._visibility_key = visibility_key
         self._visible_lock = threading.Lock()
         self._closed = False
         self._watcher.load()
@@ -227,11 +228,13 @@ class DB:
 
     @property
     def _visible(self) -> int:
-        """The newest commit revision of this process on this server (read-your-writes)."""
+        """The newest commit revision of this process on this server whose writes this
+        handle's watch sees (read-your-writes)."""
         return self._visible_cell.revision
 
     def _committed(self, revision: int) -> None:
-        self._visible_cell.advance(revision)
+        for cell in _covering(self._visibility_key, self.prefix, self._visible_cell):
+            cell.advance(revision)
 
     def _catch_up(self, revision: int) -> None:
         self._watcher.nudge()
@@ -253,7 +256,8 @@ def _close_open_databases() -> None:
 
 
 class _Visibility:
-    """The newest commit revision made through any DB handle on one server in this process."""
+    """The newest commit revision made in this process through any DB handle on one server
+    whose prefix lies within one prefix (see :func:`_visibility`)."""
 
     def __init__(self) -> None:
         self.revision = 0
@@ -265,17 +269,30 @@ class _Visibility:
                 self.revision = revision
 
 
-_VISIBILITY: dict[str, _Visibility] = {}
+_VISIBILITY: dict[str, dict[str, _Visibility]] = {}  # server (URL) -> DB prefix -> cell
 _VISIBILITY_LOCK = threading.Lock()
 
 
-def _visibility(key: str | None) -> _Visibility:
-    """Handles opened on the same URL share one cell, so read-your-writes holds across them
-    within the process; ``None`` (a private store) gets its own."""
+def _visibility(key: str | None, prefix: str) -> _Visibility:
+    """The read-your-writes cell of handles on server ``key`` with ``prefix``: shared by
+    every such handle of the process; ``None`` (a private store) gets its own. A commit
+    advances the cells of its handle's prefix and of every prefix that contains it (see
+    :func:`_covering`): their watches see its keys. A handle on another prefix never waits
+    for it: its watch may never see an event at that revision."""
     if key is None:
         return _Visibility()
     with _VISIBILITY_LOCK:
-        return _VISIBILITY.setdefault(key, _Visibility())
+        return _VISIBILITY.setdefault(key, {}).setdefault(prefix, _Visibility())
+
+
+def _covering(key: str | None, prefix: str, own: _Visibility) -> list[_Visibility]:
+    """The cells a commit through a handle on (``key``, ``prefix``) advances: those of the
+    prefixes ``prefix`` starts with (each commit writes a key inside ``prefix``: a write or
+    the sync key). O(prefixes open on the server)."""
+    if key is None:
+        return [own]
+    with _VISIBILITY_LOCK:
+        return [c for p, c in _VISIBILITY[key].items() if prefix.startswith(p)]
 
 
 def open(

@@ -136,7 +136,12 @@ class Backend(Protocol):
         ...
 
     def watch(self, key: bytes, range_end: bytes, start_revision: int) -> WatchStream:
-        """Watch ``[key, range_end)`` from ``start_revision`` (must be > 0)."""
+        """Watch ``[key, range_end)`` from ``start_revision`` (must be > 0).
+
+        A backend may also offer ``follow(key, range_end, start_revision, liveness)``: a
+        stream for one thread that blocks in ``get`` (its ``timeout`` ignored), which ends
+        itself (``WatchBroken``) when silent past its own liveness check; the watcher prefers
+        it when present (the etcd backend has one, see ``EtcdFollowStream``)."""
         ...
 
     def current_revision(self) -> int:
