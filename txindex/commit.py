@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import logging
 import types
 import typing
 from collections import Counter
@@ -65,6 +66,8 @@ from .store import Change, Entry, index_keys
 
 if TYPE_CHECKING:
     from .transaction import Predicate, Transaction
+
+log = logging.getLogger("txindex")
 
 
 
@@ -99,7 +102,10 @@ def _commit(tx: Transaction) -> int:
         compares.extend(Compare(f, "mod", "<", validated + 1) for f in fences)
         result = db._backend.txn(compares, ops, failure)
         if result.succeeded:
-            _apply_locally(tx, result.revision)
+            try:
+                _apply_locally(tx, result.revision)
+            except Exception:  # committed: never fail the commit; the watch delivers it
+                log.exception("txindex: local apply of revision %d failed", result.revision)
             return result.revision
         db._catch_up(result.revision)
     raise Conflict(f"gave up after {db.max_rounds} re-validation rounds under write load")
