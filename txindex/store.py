@@ -285,10 +285,15 @@ class Store:
             tables[e.info][e.pk] = e
         built: dict[Index[Any], list[IndexItem]] = {idx: [] for idx in self._indexes}
         for entry in (e for table in tables.values() for e in table.values()):
+            pk, value = entry.pk, entry.value
             for idx in entry.info.indexes:
+                try:
+                    keys = idx.extract(value)
+                except Exception:  # a broken entry, a value the index cannot order
+                    keys = index_keys(idx, entry)
                 items = built[idx]
-                for k in index_keys(idx, entry):
-                    items.append((k, entry.pk, entry))
+                for k in keys:
+                    items.append((k, pk, entry))
         indexes = {idx: SortedList(items) for idx, items in built.items()}
         unique: dict[Index[Any], UniqueMap] = {idx: {} for idx in self._unique}
         for idx, by_key in unique.items():
