@@ -170,7 +170,7 @@ class DB:
         s = self._watcher.stats
         return {
             "revision": self._store.revision,
-            "keys": len(self._store.entries()),
+            "keys": len(self._store),
             "indexes": {
                 idx.qualname: len(self._store.index_items(idx)) for idx in self._store.declared
             },
