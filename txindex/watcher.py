@@ -15,6 +15,8 @@ that ``get`` raises for that key; nothing here stops the thread but ``stop``.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import random
 import threading
@@ -156,8 +158,9 @@ class Watcher:
     def load(self) -> None:
         """Initial paged load (blocking), then start following the watch."""
         started = time.monotonic()
-        revision, entries = self._read_all(self._on_load_progress)
-        self._store.load(revision, entries)
+        with _gc_paused(True):
+            revision, entries = self._read_all(self._on_load_progress)
+            self._store.load(revision, entries)
         self.stats.loaded_keys = len(entries)
         log.info(
             "txindex: loaded %d keys at revision %d in %.3fs (%d decode errors)",
@@ -252,6 +255,10 @@ class Watcher:
             stream.close()
 
     def _apply(self, events: Sequence[Event]) -> None:
+        with _gc_paused(len(events) >= GC_PAUSE_EVENTS):
+            self._apply_events(events)
+
+    def _apply_events(self, events: Sequence[Event]) -> None:
         applied = self._store.revision
         batches: list[tuple[int, list[tuple[str, Entry | None]]]] = []
         for ev in events:
@@ -373,6 +380,10 @@ class Watcher:
             key = successor(page.kvs[-1].key)
 
     def _resync(self) -> None:
+        with _gc_paused(True):
+            self._resync_paused()
+
+    def _resync_paused(self) -> None:
         revision, entries = self._read_all()
         current = self._store.entries()
         fresh = {e.key: e for e in entries}
@@ -389,6 +400,27 @@ class Watcher:
         if self._observer is not None:  # hook: txindex.metrics
             self._observer.resync()
             self._observer.applied(revision)
+
+
+GC_PAUSE_EVENTS = 64
+"""Watch responses with at least this many events are applied with the cyclic GC paused."""
+
+
+@contextlib.contextmanager
+def _gc_paused(pause: bool) -> Iterator[None]:
+    """Pause Python's cyclic garbage collector around a bulk apply or load (if it is enabled),
+    then enable it again. The objects built there are long-lived; without the pause the
+    collector traverses them again and again while they are being built (bulk creates ran
+    ~1.5x slower). Reference counting still frees everything meanwhile; collection resumes
+    at the end. O(1)."""
+    if not pause or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _report(progress: Callable[[int], object], read: int) -> None:
