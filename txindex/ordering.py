@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Final, final
+from typing import Any, ClassVar, Final, final
 
 from txindex.errors import UnorderableValue
 
@@ -67,23 +67,27 @@ _EXACT_RANK: Final[dict[type, int]] = {
 _ALLOWED = "None, bool, int, float (not NaN), str, bytes, or tuples of these"
 
 
-@final
-class _Top:
-    """Type of :data:`TOP`: greater than every other object, equal only to itself."""
+class _Extreme:
+    """A singleton that compares greater (``TOP``) or less (``BOTTOM``) than every other
+    object, and equal only to itself."""
 
     __slots__ = ()
-    _instance: _Top | None = None
+    _above: ClassVar[bool]
+    _name: ClassVar[str]
+    _hash: ClassVar[int]
 
-    def __new__(cls) -> _Top:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    def __new__(cls) -> _Extreme:
+        instance = cls.__dict__.get("_instance")
+        if instance is None:
+            instance = super().__new__(cls)
+            setattr(cls, "_instance", instance)  # noqa: B010 - a class attribute, set once
+        return instance
 
     def __repr__(self) -> str:
-        return "TOP"
+        return self._name
 
     def __reduce__(self) -> str:
-        return "TOP"
+        return self._name
 
     def __eq__(self, other: object) -> bool:
         return other is self
@@ -92,19 +96,29 @@ class _Top:
         return other is not self
 
     def __hash__(self) -> int:
-        return 0x7E1A_70B5
+        return self._hash
 
     def __lt__(self, other: object) -> bool:
-        return False
+        return not self._above and other is not self
 
     def __le__(self, other: object) -> bool:
-        return other is self
+        return other is self or not self._above
 
     def __gt__(self, other: object) -> bool:
-        return other is not self
+        return self._above and other is not self
 
     def __ge__(self, other: object) -> bool:
-        return True
+        return other is self or self._above
+
+
+@final
+class _Top(_Extreme):
+    """Type of :data:`TOP`: greater than every other object, equal only to itself."""
+
+    __slots__ = ()
+    _above = True
+    _name = "TOP"
+    _hash = 0x7E1A_70B5
 
 
 TOP: Final = _Top()
@@ -116,43 +130,13 @@ to itself. ``(enc, TOP)`` is therefore an upper bound of every ``(enc, pk)`` ent
 
 
 @final
-class _Bottom:
+class _Bottom(_Extreme):
     """Type of :data:`BOTTOM`: less than every other object, equal only to itself."""
 
     __slots__ = ()
-    _instance: _Bottom | None = None
-
-    def __new__(cls) -> _Bottom:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "BOTTOM"
-
-    def __reduce__(self) -> str:
-        return "BOTTOM"
-
-    def __eq__(self, other: object) -> bool:
-        return other is self
-
-    def __ne__(self, other: object) -> bool:
-        return other is not self
-
-    def __hash__(self) -> int:
-        return 0x7E1A_B077
-
-    def __lt__(self, other: object) -> bool:
-        return other is not self
-
-    def __le__(self, other: object) -> bool:
-        return True
-
-    def __gt__(self, other: object) -> bool:
-        return False
-
-    def __ge__(self, other: object) -> bool:
-        return other is self
+    _above = False
+    _name = "BOTTOM"
+    _hash = 0x7E1A_B077
 
 
 BOTTOM: Final = _Bottom()

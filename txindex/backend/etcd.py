@@ -281,6 +281,16 @@ def _canceled(resp: Any) -> Exception:
     return WatchBroken(f"watch canceled by the server: {resp.cancel_reason or '-'}")
 
 
+def _answer(item: Any) -> WatchResponse | None:
+    """A watch response as an event batch or a progress notification; None for the response
+    that only confirms the watch was created."""
+    if item.events:
+        return _events(item)
+    if item.created:
+        return None
+    return WatchResponse((), item.header.revision, progress=True)
+
+
 def _events(resp: Any) -> WatchResponse:
     delete = kv_pb2.Event.DELETE
     events = tuple(
@@ -413,11 +423,9 @@ class EtcdWatchStream:
             if item.canceled:
                 self._die()
                 raise _canceled(item)
-            if item.events:
-                return _events(item)
-            if item.created:
-                continue
-            return WatchResponse((), item.header.revision, progress=True)
+            answer = _answer(item)
+            if answer is not None:
+                return answer
 
     def request_progress(self) -> None:
         """Send a WatchProgressRequest; the answer arrives through :meth:`get`.
@@ -548,11 +556,9 @@ class EtcdFollowStream:
                     continue
                 self._die()
                 raise _canceled(item)
-            if item.events:
-                return _events(item)
-            if item.created:
-                continue
-            return WatchResponse((), item.header.revision, progress=True)
+            answer = _answer(item)
+            if answer is not None:
+                return answer
 
     def _reopen(self) -> None:
         """Authenticate again and create the watch anew on a fresh call (nothing has been
