@@ -129,7 +129,7 @@ def _apply_locally(tx: Transaction, revision: int) -> bool:
         # the object put, unless its model's encoding does not round-trip it exactly (the
         # watch would then cache another value: a list in an ``Any`` field comes back a tuple)
         obj = w.obj if _exact(w.info) else w.info.decode(w.data, key)  # type: ignore[arg-type]
-        updates.append((key, Entry(key, w.pk, obj, revision, w.info)))
+        updates.append((key, Entry(w.pk, obj, revision, w.info)))
     return tx._db._watcher.apply_local(revision, updates)
 
 

@@ -49,12 +49,12 @@ Plan = tuple[tuple[Index[Any], Callable[[Any], tuple[Any, ...]], SortedList, "Un
 
 
 class Entry:
-    """One version of one key. ``value`` is the decoded object, or a :class:`DecodeError`."""
+    """One version of one key. ``value`` is the decoded object, or a :class:`DecodeError`.
+    The key string is not stored: it is ``info.prefix + str(pk)`` (:attr:`key`)."""
 
     __slots__ = ("info", "mod_revision", "pk", "value")
 
-    def __init__(self, key: str, pk: Any, value: Any, mod_revision: int, info: ModelInfo) -> None:
-        # ``key`` is not stored: it is always ``info.prefix + str(pk)`` (see :attr:`key`)
+    def __init__(self, pk: Any, value: Any, mod_revision: int, info: ModelInfo) -> None:
         self.pk = pk
         self.value = value
         self.mod_revision = mod_revision

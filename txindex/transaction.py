@@ -39,7 +39,7 @@ class Write:
         keys: dict[Index[Any], tuple[Any, ...]],
     ) -> None:
         self.info, self.pk, self.obj, self.data, self.keys = info, pk, obj, data, keys
-        self.entry = None if obj is None else Entry(key, pk, obj, 0, info)
+        self.entry = None if obj is None else Entry(pk, obj, 0, info)
         self.old_keys: dict[Index[Any], tuple[Any, ...]] = {}
 
 

@@ -103,14 +103,14 @@ class Decoder:
             if found != pk:
                 raise ValueError(f"field {info.key_field!r} is {found!r}, key says {pk!r}")
             # the entry shares the object's own key value (one string less per object)
-            return Entry(skey, found, obj, rev, info)
+            return Entry(found, obj, rev, info)
         except Exception as exc:
             err = exc if isinstance(exc, DecodeError) else DecodeError(skey, str(exc))
             self._stats.decode_errors += 1
             log.error("txindex: %s", err)
             if self._observer is not None:  # hook: txindex.metrics
                 self._observer.decode_error()
-            return Entry(skey, pk, err, rev, info)
+            return Entry(pk, err, rev, info)
 
 
 class Watcher:
