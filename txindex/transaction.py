@@ -35,7 +35,7 @@ class Write:
     __slots__ = ("data", "entry", "info", "keys", "obj", "old_keys", "pk")
 
     def __init__(
-        self, info: ModelInfo, pk: Any, obj: Any, data: bytes | None, key: str,
+        self, info: ModelInfo, pk: Any, obj: Any, data: bytes | None,
         keys: dict[Index[Any], tuple[Any, ...]],
     ) -> None:
         self.info, self.pk, self.obj, self.data, self.keys = info, pk, obj, data, keys
@@ -261,14 +261,14 @@ class Transaction:
                     # a key the object already held in the snapshot needs no predicate: any
                     # concurrent change to who holds it changes this object (its compare)
                     self._check_unique(idx, k, pk, predicate=k not in held[idx])
-        self._write(key, Write(info, pk, obj, data, key, new_keys))
+        self._write(key, Write(info, pk, obj, data, new_keys))
 
     def delete(self, cls: type[Any], pk: Any) -> None:
         """Delete the object with primary key ``pk`` (a no-op if there is none)."""
         self._check_writable()
         info = _info(cls)
         key = info.prefix + info.key_suffix(pk)
-        self._write(key, Write(info, pk, None, None, key, {idx: () for idx in info.indexes}))
+        self._write(key, Write(info, pk, None, None, {idx: () for idx in info.indexes}))
 
     def _write(self, key: str, write: Write) -> None:
         limit = self._db.max_txn_ops
