@@ -111,12 +111,6 @@ def _commit(tx: Transaction) -> int:
     raise Conflict(f"gave up after {db.max_rounds} re-validation rounds under write load")
 
 
-# fence keys are pure functions of their arguments: cache them (a commit names a few each)
-_bucket_fence = functools.lru_cache(maxsize=1 << 16)(bucket_fence)
-_model_fence = functools.lru_cache(maxsize=1 << 10)(model_fence)
-_coarse_fence = functools.lru_cache(maxsize=1 << 10)(coarse_fence)
-
-
 def _apply_locally(tx: Transaction, revision: int) -> bool:
     """Apply the committed writes to this process's store at ``revision`` if it has applied
     exactly ``revision - 1`` (see the module doc); False if the watch must deliver them."""
@@ -181,7 +175,7 @@ def _ops(tx: Transaction) -> list[Op]:
         owed = buckets.setdefault(w.info, set())
         for idx, old in w.old_keys.items():
             for k in set(old).symmetric_difference(w.keys[idx]):  # entered or left
-                owed.add(_bucket_fence(prefix, idx, k))
+                owed.add(bucket_fence(prefix, idx, k))
     if not any(isinstance(op, Put) for op in ops):
         # Deletes of absent keys make no event in the prefix and the fences live outside it:
         # the sync key gives the watch an event at the commit revision (read-your-writes).
@@ -189,14 +183,14 @@ def _ops(tx: Transaction) -> list[Op]:
     budget = tx._db.max_txn_ops - len(ops) - len(buckets)  # the model fences are reserved
     models = sorted(buckets, key=lambda i: len(buckets[i]))
     for n, info in enumerate(models):
-        ops.append(Put(_model_fence(prefix, info), b""))
+        ops.append(Put(model_fence(prefix, info), b""))
         later = len(models) - n - 1  # each later model may still need its coarse fence
         if len(buckets[info]) <= budget - later:
             budget -= len(buckets[info])
             ops.extend(Put(f, b"") for f in sorted(buckets[info]))
         else:
             budget -= 1
-            ops.append(Put(_coarse_fence(prefix, info), b""))
+            ops.append(Put(coarse_fence(prefix, info), b""))
     return ops
 
 
@@ -228,14 +222,14 @@ def _plan_compares(tx: Transaction) -> tuple[list[str], list[bytes]]:
         if key is None:
             ranged.add(info)
         else:
-            equal.setdefault(info, set()).add(_bucket_fence(prefix, index, key))
+            equal.setdefault(info, set()).add(bucket_fence(prefix, index, key))
     budget = tx._db.max_txn_ops
 
     def fences() -> list[bytes]:
-        out = [_model_fence(prefix, i) for i in ranged]
+        out = [model_fence(prefix, i) for i in ranged]
         for info, keys in equal.items():
             if info not in ranged:
-                out.append(_coarse_fence(prefix, info))
+                out.append(coarse_fence(prefix, info))
                 out.extend(keys)
         return sorted(out)
 

@@ -46,25 +46,30 @@ def fence_root(db_prefix: str) -> str:
     return "\x00txindex-fences/" + db_prefix
 
 
+# Fence keys are pure functions of their arguments, and a commit names a few: cached.
+
+
+@functools.lru_cache(maxsize=1 << 10)
 def model_fence(db_prefix: str, info: ModelInfo) -> bytes:
     return f"{fence_root(db_prefix)}fence/{info.prefix}".encode()
 
 
+@functools.lru_cache(maxsize=1 << 10)
 def coarse_fence(db_prefix: str, info: ModelInfo) -> bytes:
     return f"{fence_root(db_prefix)}coarse/{info.prefix}".encode()
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def bucket_fence(db_prefix: str, index: Index[Any], key: Any) -> bytes:
-    """The fence of the bucket that holds encoded index ``key``. O(len(key))."""
+    """The fence of the bucket that holds encoded index ``key`` (equal keys, like 1 and 1.0,
+    share a cache entry and a bucket). O(len(key)) on a cache miss."""
     info: ModelInfo = index.model.__txindex_model__
     return f"{fence_root(db_prefix)}bucket/{info.prefix}{index.name}/{_bucket(index, key)}".encode()
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _bucket(index: Index[Any], key: Any) -> int:
-    """Stable bucket of an encoded key of ``index``; cached (equal keys, like 1 and 1.0, share
-    an entry and a bucket). It hashes the key's ``sort_key`` form (:meth:`Index.canonical`),
-    so it does not depend on how the index encodes keys."""
+    """Stable bucket of an encoded key of ``index``. It hashes the key's ``sort_key`` form
+    (:meth:`Index.canonical`), so it does not depend on how the index encodes keys."""
     return zlib.crc32(_canonical(index.canonical(key)).encode()) % BUCKETS
 
 
