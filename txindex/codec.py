@@ -42,6 +42,7 @@ import base64
 import binascii
 import dataclasses
 import enum
+import functools
 import json
 import math
 import types
@@ -52,7 +53,7 @@ from typing import Any, Generic, TypeVar
 from txindex.errors import DecodeError, ModelError, UnorderableValue
 from txindex.ordering import sort_key
 
-__all__ = ["Codec"]
+__all__ = ["Codec", "round_trips_exactly"]
 
 T = TypeVar("T")
 
@@ -690,3 +691,40 @@ class Codec(Generic[T]):
         except RecursionError:
             raise DecodeError(key, "value nested too deeply") from None
         return obj
+
+
+@functools.cache
+def round_trips_exactly(cls: type) -> bool:
+    """True if every object of model ``cls`` decodes to an equal object of the same types
+    (``decode(encode(x))`` could stand for ``x``): a dataclass whose fields are str, int,
+    float, bool, bytes, None, enums, literals, optionals, tuples and frozensets of those, or
+    such dataclasses. ``Any``/``object`` fields (arrays come back as tuples), unions of
+    several types and adapter classes are not. O(annotations), cached."""
+    return _exact_type(cls, set())
+
+
+def _exact_type(tp: Any, seen: set[type]) -> bool:
+    if tp in (str, int, float, bool, bytes, None, type(None)):
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _exact_type(args[0], seen)
+    if origin is typing.Literal:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        rest = [a for a in args if a is not type(None)]
+        return len(rest) == 1 and _exact_type(rest[0], seen)
+    if origin in (tuple, frozenset):
+        return all(a is Ellipsis or _exact_type(a, seen) for a in args) and bool(args)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return True
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if tp in seen:
+            return True
+        seen.add(tp)
+        try:
+            hints = typing.get_type_hints(tp)
+        except Exception:
+            return False
+        return all(_exact_type(hints[f.name], seen) for f in dataclasses.fields(tp) if f.init)
+    return False

@@ -46,18 +46,14 @@ every index key added or removed (or the model's coarse fence when those do not 
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import functools
 import logging
-import types
-import typing
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _seeded
 from .backend.base import Compare, Delete, Op, Put
+from .codec import round_trips_exactly
 from .errors import CommitUnknown, Conflict, TxTooLarge
 from .fences import bucket_fence, coarse_fence, equality_key, model_fence, sync_key
 from .metrics import log_commit_unknown
@@ -122,46 +118,9 @@ def _apply_locally(tx: Transaction, revision: int) -> bool:
             continue
         # the object put, unless its model's encoding does not round-trip it exactly (the
         # watch would then cache another value: a list in an ``Any`` field comes back a tuple)
-        obj = w.obj if _exact(w.info) else w.info.decode(w.data, key)  # type: ignore[arg-type]
+        obj = w.obj if round_trips_exactly(w.info.cls) else w.info.decode(w.data, key)  # type: ignore[arg-type]
         updates.append((key, Entry(w.pk, obj, revision, w.info)))
     return tx._db._watcher.apply_local(revision, updates)
-
-
-@functools.cache
-def _exact(info: ModelInfo) -> bool:
-    """True if every object of the model decodes to an equal object of the same types
-    (``decode(encode(x))`` could stand for ``x``): a dataclass whose fields are str, int,
-    float, bool, bytes, None, enums, literals, optionals, tuples and frozensets of those, or
-    such dataclasses. ``Any``/``object`` fields, unions of several types and adapter classes
-    are not (their values are decoded for the cache instead)."""
-    return _exact_type(info.cls, set())
-
-
-def _exact_type(tp: Any, seen: set[type]) -> bool:
-    if tp in (str, int, float, bool, bytes, None, type(None)):
-        return True
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Annotated:
-        return _exact_type(args[0], seen)
-    if origin is typing.Literal:
-        return True
-    if origin is typing.Union or origin is types.UnionType:
-        rest = [a for a in args if a is not type(None)]
-        return len(rest) == 1 and _exact_type(rest[0], seen)
-    if origin in (tuple, frozenset):
-        return all(a is Ellipsis or _exact_type(a, seen) for a in args) and bool(args)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return True
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if tp in seen:
-            return True
-        seen.add(tp)
-        try:
-            hints = typing.get_type_hints(tp)
-        except Exception:
-            return False
-        return all(_exact_type(hints[f.name], seen) for f in dataclasses.fields(tp) if f.init)
-    return False
 
 
 def _ops(tx: Transaction) -> list[Op]:
