@@ -21,6 +21,7 @@ from txindex import DB
 from txindex.backend import EtcdBackend
 from txindex.backend.base import Delete, Put
 from txindex.errors import CommitUnknown, Conflict, TxIndexError, Unavailable
+from txindex.keyindex import KeyIndex
 from txindex.model import info_of
 from txindex.server import EtcdServer
 
@@ -436,16 +437,16 @@ def test_checker_detects_divergence(server: EtcdServer, raw: EtcdBackend, dbs: l
     assert_converged(db, raw, PREFIX)
     store = db._store
     with store._lock:  # damage one index only
-        item = store._indexes[Node.by_tag].pop(0) if store._indexes[Node.by_tag] else None
-        store._indexes[Node.by_user].pop(0)
+        store._indexes[Node.by_user].remove(*next(store._indexes[Node.by_user].items()))
     with pytest.raises(AssertionError, match=r"index Node\.by_user"):
         assert_converged(db, raw, PREFIX, timeout=0.3)
-    with store._lock:
-        store._indexes[Node.by_user].clear()
-        store._indexes[Node.by_tag].clear()
-        if item is not None:
-            store._indexes[Node.by_tag].add(item)
-        del store._tables[info_of(Node)]["n3"]  # a lost key
+    with store._lock:  # mend the damaged index, then lose a key (data and index items)
+        entries = store._tables[info_of(Node)]
+        store._indexes[Node.by_user] = KeyIndex.build(
+            (k, pk) for pk, e in entries.items() for k in Node.by_user.entries(e.value)
+        )
+        store._plans = store._plan()
+        store._unindex(entries.pop("n3"))
     with pytest.raises(AssertionError, match="nodes/n3"):
         assert_converged(db, raw, PREFIX, timeout=0.3)
 

@@ -172,7 +172,7 @@ class DB:
             "revision": self._store.revision,
             "keys": len(self._store),
             "indexes": {
-                idx.qualname: len(self._store.index_items(idx)) for idx in self._store.declared
+                idx.qualname: self._store.index_size(idx) for idx in self._store.declared
             },
             "decode_errors": s.decode_errors,
             "unclaimed_keys": s.unclaimed_keys,

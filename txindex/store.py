@@ -12,7 +12,8 @@ Layout:
   readers never see a list being mutated).
 * ``_log``: the changes of each applied revision after the oldest pin, in revision order; it
   serves snapshot index queries and commit-time validation.
-* ``_indexes``: one ``SortedList`` of ``(index_key, primary_key, entry)`` per declared index.
+* ``_indexes``: one :class:`~txindex.keyindex.KeyIndex` of ``(index_key, primary_key)`` items
+  per declared index; queries pair each item with the entry from its model's table.
 
 Point reads are lock-free: the applier writes history before data, so a reader that finds a
 newer ``mod_revision`` than its snapshot always finds the older entry in the history.
@@ -24,28 +25,29 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import operator
 import threading
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sortedcontainers import SortedList
-
 from .errors import DecodeError, UnorderableValue
 from .fences import equality_key
 from .index import Index
+from .keyindex import KeyIndex
 from .model import ModelInfo
 
 log = logging.getLogger("txindex.store")
 
 IndexItem = tuple[Any, Any, "Entry"]  # (encoded index key, primary key, entry)
-UniqueMap = dict[Any, "IndexItem | list[IndexItem]"]  # key -> its item (a list on a clash)
-# what applying a change to one model touches: per index, its key extractor, items, unique map
-Plan = tuple[tuple[Index[Any], Callable[[Any], tuple[Any, ...]], SortedList, "UniqueMap | None"],
-             ...]
+# what applying a change to one model touches: per index, its key extractor, its items and,
+# for a typed field index, the getter of its fields (equal fields: equal keys, see _plan)
+Plan = tuple[
+    tuple[Index[Any], Callable[[Any], tuple[Any, ...]], KeyIndex, Callable[[Any], Any] | None],
+    ...,
+]
 
 
 class Entry:
@@ -114,13 +116,11 @@ class Store:
         self._history: dict[str, tuple[tuple[int, Entry | None], ...]] = {}
         self._log: deque[Batch] = deque()
         self._pins: dict[int, int] = {}
-        self._indexes: dict[Index[Any], SortedList] = {
-            idx: SortedList() for info in self.models for idx in info.indexes
+        self._indexes: dict[Index[Any], KeyIndex] = {
+            idx: KeyIndex() for info in self.models for idx in info.indexes
         }
-        # unique indexes also map each key to its items (normally one): a point lookup is then
-        # one dict probe instead of two bisects (external writers may break uniqueness)
-        self._unique: dict[Index[Any], UniqueMap] = {
-            idx: {} for idx in self._indexes if idx.unique
+        self._model_of: dict[Index[Any], ModelInfo] = {
+            idx: info for info in self.models for idx in info.indexes
         }
         self.declared = frozenset(self._indexes)
         self._plans = self._plan()
@@ -227,19 +227,19 @@ class Store:
     ) -> list[IndexItem]:
         """Index items in ``[lo, hi)`` (``None`` = unbounded) as of ``revision``, in order.
 
-        O(log n + m) for m items, plus O(c) for c changes applied after ``revision``.
+        O(log k + m) for m items and k distinct keys (O(1) + m for one key), plus O(c) for c
+        changes applied after ``revision``.
         """
         with self._lock:
             hidden, shown = self._changes_since(index, revision)
-            if not hidden and not shown and index in self._unique:
-                key = equality_key(lo, hi)
-                if key is not None:  # a point lookup on a unique index: one dict probe
-                    items = _items(self._unique[index].get(key))
-                    if reverse:
-                        items.reverse()
-                    return items if limit is None else items[:limit]
             need = None if limit is None else limit + len(hidden)
-            items = scan(self._indexes[index], lo, hi, reverse, need)
+            ki = self._indexes[index]
+            table = self._tables[self._model_of[index]]
+            key = equality_key(lo, hi)
+            if key is not None:  # a point lookup: one dict probe
+                items = [(key, pk, table[pk]) for pk in ki.get(key, reverse, need)]
+            else:
+                items = [(k, pk, table[pk]) for k, pk in ki.scan(lo, hi, reverse, need)]
             if not hidden and not shown:
                 return items
             items = [it for it in items if (it[0], it[1]) not in hidden]
@@ -248,11 +248,11 @@ class Store:
             return items if limit is None else items[:limit]
 
     def count(self, index: Index[Any], lo: Any, hi: Any, revision: int) -> int:
-        """Number of items in ``[lo, hi)`` as of ``revision``. O(log n) plus O(c) as above."""
+        """Number of items in ``[lo, hi)`` as of ``revision``. O(log k + keys in range) for k
+        distinct keys, plus O(c) as above."""
         with self._lock:
             hidden, shown = self._changes_since(index, revision)
-            sl = self._indexes[index]
-            n = _bisect(sl, hi, len(sl)) - _bisect(sl, lo, 0)
+            n = self._indexes[index].count(lo, hi)
             n -= sum(1 for h in hidden if _within(h, lo, hi))
             return n + sum(1 for it in shown if _within(it, lo, hi))
 
@@ -265,15 +265,15 @@ class Store:
                 break
             yield from batch.changes
 
-    def unique_items(self, index: Index[Any]) -> list[IndexItem]:
-        """Every item of a unique index's point-lookup map (for checks and tests). O(n)."""
-        with self._lock:
-            return [it for found in self._unique[index].values() for it in _items(found)]
-
     def index_items(self, index: Index[Any]) -> list[IndexItem]:
-        """Every committed item of ``index`` (for checks and tests). O(n)."""
+        """Every committed item of ``index``, in order (for checks and tests). O(n)."""
         with self._lock:
-            return list(self._indexes[index])
+            table = self._tables[self._model_of[index]]
+            return [(k, pk, table[pk]) for k, pk in self._indexes[index].scan(None, None)]
+
+    def index_size(self, index: Index[Any]) -> int:
+        """Number of committed items of ``index``. O(1)."""
+        return len(self._indexes[index])
 
     # ---- writes (watcher only) -----------------------------------------------------------
 
@@ -283,7 +283,7 @@ class Store:
         tables: dict[ModelInfo, dict[Any, Entry]] = {info: {} for info in self.models}
         for e in entries:
             tables[e.info][e.pk] = e
-        built: dict[Index[Any], list[IndexItem]] = {idx: [] for idx in self._indexes}
+        built: dict[Index[Any], list[tuple[Any, Any]]] = {idx: [] for idx in self._indexes}
         for entry in (e for table in tables.values() for e in table.values()):
             pk, value = entry.pk, entry.value
             for idx in entry.info.indexes:
@@ -291,16 +291,12 @@ class Store:
                     keys = idx.extract(value)
                 except Exception:  # a broken entry, a value the index cannot order
                     keys = index_keys(idx, entry)
-                items = built[idx]
+                pairs = built[idx]
                 for k in keys:
-                    items.append((k, pk, entry))
-        indexes = {idx: SortedList(items) for idx, items in built.items()}
-        unique: dict[Index[Any], UniqueMap] = {idx: {} for idx in self._unique}
-        for idx, by_key in unique.items():
-            for item in indexes[idx]:
-                _link(by_key, item)
+                    pairs.append((k, pk))
+        indexes = {idx: KeyIndex.build(pairs) for idx, pairs in built.items()}
         with self._lock:
-            self._tables, self._indexes, self._unique = tables, indexes, unique
+            self._tables, self._indexes = tables, indexes
             self._routes = self._route_table()
             self._plans = self._plan()
             self._history.clear()
@@ -380,7 +376,7 @@ class Store:
     def _plan(self) -> dict[ModelInfo, Plan]:
         return {
             info: tuple(
-                (idx, idx.extract, self._indexes[idx], self._unique.get(idx))
+                (idx, idx.extract, self._indexes[idx], _field_getter(idx))
                 for idx in info.indexes
             )
             for info in self.models
@@ -410,29 +406,25 @@ class Store:
                 self._unindex(before)
             if after is not None:
                 self._index(after)
-        else:
+        else:  # an update: only the index keys it enters or leaves change (items hold no
+            # entry, so a kept key needs nothing)
             old_value, new_value, pk = before.value, after.value, after.pk
-            for idx, extract, sl, by_key in self._plans[after.info]:
+            for idx, extract, ki, fields in self._plans[after.info]:
                 try:
+                    if fields is not None and fields(old_value) == fields(new_value):
+                        continue
                     old = extract(old_value)
                     new = extract(new_value)
                 except Exception:  # a broken entry, a value the index cannot order
                     old, new = index_keys(idx, before), index_keys(idx, after)
-                for k in new:
-                    item = (k, pk, after)
-                    if k in old:  # kept key, new object: swap the item in place
-                        _swap(sl, item)
-                        if by_key is not None:
-                            _relink(by_key, before, item)
-                        continue
-                    sl.add(item)
-                    if by_key is not None:
-                        _link(by_key, item)
+                if old == new:
+                    continue
                 for k in old:
                     if k not in new:
-                        sl.remove((k, pk, before))
-                        if by_key is not None:
-                            _unlink(by_key, (k, pk, before))
+                        ki.remove(k, pk)
+                for k in new:
+                    if k not in old:
+                        ki.add(k, pk)
         if after is None:
             del table[pk]
         else:
@@ -440,25 +432,16 @@ class Store:
         return Change(key, before, after) if keep else None
 
     def _index(self, entry: Entry) -> None:
-        pk, value = entry.pk, entry.value
-        for idx, extract, sl, by_key in self._plans[entry.info]:
-            try:
-                keys = extract(value)
-            except Exception:  # a broken entry, a value the index cannot order
-                keys = index_keys(idx, entry)
-            for k in keys:
-                item = (k, pk, entry)
-                sl.add(item)
-                if by_key is not None:
-                    _link(by_key, item)
+        pk = entry.pk
+        for idx, extract, ki, _ in self._plans[entry.info]:
+            for k in _keys(idx, extract, entry):
+                ki.add(k, pk)
 
     def _unindex(self, entry: Entry) -> None:
         pk = entry.pk
-        for idx, extract, sl, by_key in self._plans[entry.info]:
+        for idx, extract, ki, _ in self._plans[entry.info]:
             for k in _keys(idx, extract, entry):
-                sl.remove((k, pk, entry))
-                if by_key is not None:
-                    _unlink(by_key, (k, pk, entry))
+                ki.remove(k, pk)
 
     def _trim(self) -> None:
         low = min(self._pins) if self._pins else self.revision
@@ -497,101 +480,22 @@ class Store:
         return hidden, shown
 
 
+def _field_getter(index: Index[Any]) -> Callable[[Any], Any] | None:
+    """For a typed field index (bare keys, no callable, no ``where``): a getter of its fields.
+    The codec guarantees the annotated types there, so equal field values give equal keys and
+    an update that keeps them needs no key extraction. ``None`` for any other index (with
+    ``Any`` fields, ``True == 1`` although they are different keys)."""
+    if not index.bare or index.computed or index.where is not None:
+        return None
+    return operator.attrgetter(*index.fields)
+
+
 def _keys(index: Index[Any], extract: Callable[[Any], tuple[Any, ...]], entry: Entry) -> Any:
     """:func:`index_keys` for an entry of the index's own model, by its fast extractor."""
     try:
         return extract(entry.value)
     except Exception:  # a broken entry, a value the index cannot order: the careful way
         return index_keys(index, entry)
-
-
-def _swap(sl: SortedList, item: IndexItem) -> None:
-    """Replace the item with the same (key, pk) as ``item`` by ``item``, in place: the order
-    does not change, so neither do SortedList's positional index nor its sublist sizes. Uses
-    its ``_lists``/``_maxes`` (see :func:`scan`). O(log n)."""
-    pair = (item[0], item[1])
-    lists, maxes = sl._lists, sl._maxes
-    i = bisect_left(maxes, pair)
-    sub = lists[i]
-    j = bisect_left(sub, pair)
-    if (sub[j][0], sub[j][1]) != pair:
-        raise KeyError(pair)
-    sub[j] = item
-    if j == len(sub) - 1:
-        maxes[i] = item
-
-
-def _items(found: IndexItem | list[IndexItem] | None) -> list[IndexItem]:
-    if found is None:
-        return []
-    return list(found) if type(found) is list else [found]  # type: ignore[list-item]
-
-
-def _link(by_key: UniqueMap, item: IndexItem) -> None:
-    """Add ``item`` to a unique map: the item itself, a sorted list only on a clash."""
-    current = by_key.get(item[0])
-    by_key[item[0]] = item if current is None else sorted([*_items(current), item], key=_order)
-
-
-def _relink(by_key: UniqueMap, before: Entry, item: IndexItem) -> None:
-    """Replace ``before``'s item under ``item``'s key by ``item`` (same key, same pk)."""
-    current = by_key.get(item[0])
-    if type(current) is tuple and current[2] is before:
-        by_key[item[0]] = item
-    else:
-        _unlink(by_key, (item[0], item[1], before))
-        _link(by_key, item)
-
-
-def _unlink(by_key: UniqueMap, item: IndexItem) -> None:
-    rest = [it for it in _items(by_key[item[0]]) if it[2] is not item[2]]
-    if not rest:
-        del by_key[item[0]]
-    else:
-        by_key[item[0]] = rest[0] if len(rest) == 1 else rest
-
-
-def scan(sl: SortedList, lo: Any, hi: Any, reverse: bool, limit: int | None) -> list[Any]:
-    """Items of ``sl`` in ``[lo, hi)`` (``None`` = unbounded), in order or reversed, at most
-    ``limit``. O(log n + m), copying with C-level slices.
-
-    Uses SortedList's sublists directly (``_maxes``/``_lists``, stable since sortedcontainers
-    2.0): positional ``bisect_left``/``islice`` also walk its index tree, which costs more
-    than the whole lookup of a point query.
-    """
-    lists, maxes = sl._lists, sl._maxes
-    if not maxes or limit == 0:
-        return []
-    i, j = (0, 0) if lo is None else _locate(lists, maxes, lo)
-    i2, j2 = (len(lists) - 1, len(lists[-1])) if hi is None else _locate(lists, maxes, hi)
-    if (i, j) >= (i2, j2):
-        return []
-    if i == i2:
-        out = lists[i][j:j2]
-    elif not reverse and limit is not None and len(lists[i]) - j >= limit:
-        return lists[i][j:j + limit]  # type: ignore[no-any-return]
-    else:
-        out = lists[i][j:]
-        for sub in itertools.islice(lists, i + 1, i2):
-            out.extend(sub)
-            if not reverse and limit is not None and len(out) >= limit:
-                return out[:limit]  # type: ignore[no-any-return]
-        out.extend(lists[i2][:j2])
-    if reverse:
-        out.reverse()
-    return out if limit is None else out[:limit]  # type: ignore[no-any-return]
-
-
-def _locate(lists: list[list[Any]], maxes: list[Any], bound: Any) -> tuple[int, int]:
-    """(sublist, offset) of the first item >= ``bound``; past the end is (last, len(last))."""
-    i = bisect_left(maxes, bound)
-    if i == len(maxes):
-        return i - 1, len(lists[i - 1])
-    return i, bisect_left(lists[i], bound)
-
-
-def _bisect(sl: SortedList, bound: Any, default: int) -> int:
-    return default if bound is None else sl.bisect_left(bound)
 
 
 def _order(item: IndexItem) -> tuple[Any, Any]:
