@@ -64,7 +64,7 @@ class Decoder:
         stats: WatchStats,
         observer: Observer | None = None,
     ) -> None:
-        self._prefix = prefix
+        self._cut = len(prefix)
         self._models = sorted(models, key=lambda m: len(m.prefix), reverse=True)
         self._stats = stats
         self._observer = observer  # hook: txindex.metrics (None without metrics=)
@@ -72,7 +72,7 @@ class Decoder:
     def entry(self, key: bytes, value: bytes, mod_revision: int) -> tuple[str, Entry] | None:
         """The store key and entry for one KV, or ``None`` if no model claims the key."""
         try:
-            skey = key.decode()[len(self._prefix):]
+            skey = key.decode()[self._cut:]
         except UnicodeDecodeError:
             self._stats.unclaimed_keys += 1
             return None
@@ -85,7 +85,7 @@ class Decoder:
     def key(self, key: bytes) -> str | None:
         """The store key of a deleted etcd key, or ``None`` if unclaimed."""
         try:
-            skey = key.decode()[len(self._prefix):]
+            skey = key.decode()[self._cut:]
         except UnicodeDecodeError:
             return None
         return skey if any(skey.startswith(m.prefix) for m in self._models) else None
@@ -98,8 +98,8 @@ class Decoder:
                 pk = info.pk_from_suffix(suffix)
             elif not suffix:
                 raise ValueError("empty primary key")
-            obj = info.decode(value, skey)
-            found = info.pk(obj)
+            obj = info.codec.decode(value, skey)
+            found = getattr(obj, info.key_field)
             if found != pk:
                 raise ValueError(f"field {info.key_field!r} is {found!r}, key says {pk!r}")
             # the entry shares the object's own key value (one string less per object)
