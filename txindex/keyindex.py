@@ -55,6 +55,11 @@ class KeyIndex:
     def build(cls, pairs: Iterable[Pair]) -> KeyIndex:
         """An index holding ``pairs`` (no pair twice). O(n log n), one sort."""
         ki = cls()
+        pairs = pairs if isinstance(pairs, list) else list(pairs)
+        single = dict(pairs)
+        if len(single) == len(pairs):  # every key has one item (a unique index): C-level work
+            ki.buckets, ki.size, ki.keys = single, len(single), SortedList(single)
+            return ki
         grouped: dict[Any, list[Any]] = {}
         for key, pk in pairs:
             found = grouped.get(key)
@@ -141,27 +146,44 @@ class KeyIndex:
 
     def scan(self, lo: Any, hi: Any, reverse: bool = False, limit: int | None = None) -> list[Pair]:
         """Items within the bounds ``[lo, hi)``, in order or reversed, at most ``limit``.
-        O(log k + m) for m items returned (plus the keys in range with no item returned)."""
-        out: list[Pair] = []
+        O(log k + m) for m items returned."""
+        keys, pks = self.columns(lo, hi, reverse, limit)
+        return list(zip(keys, pks, strict=True))
+
+    def columns(
+        self, lo: Any, hi: Any, reverse: bool = False, limit: int | None = None
+    ) -> tuple[list[Any], list[Any]]:
+        """:meth:`scan` as two parallel lists, keys and primary keys (no pair tuples to build).
+        A run of one-item keys is read with C-level ``map``/``extend``; O(log k + m)."""
+        keys: list[Any] = []
+        pks: list[Any] = []
         if limit == 0:
-            return out
-        buckets = self.buckets
-        for key in self._keys_within(lo, hi, reverse):
-            bucket = buckets[key]
-            if type(bucket) is list or type(bucket) is SortedList:
-                left = None if limit is None else limit - len(out)
-                out.extend([(key, pk) for pk in _pks(bucket, reverse, left)])
+            return keys, pks
+        bucket_of = self.buckets.__getitem__
+        for run in self._key_runs(lo, hi, reverse, limit):
+            if limit is not None:  # every key has an item: no more keys than items are needed
+                run = run[:limit - len(pks)]
+            found = list(map(bucket_of, run))
+            kinds = set(map(type, found))
+            if list not in kinds and SortedList not in kinds:  # one pk per key
+                keys += run
+                pks += found
             else:
-                out.append((key, bucket))
-            if limit is not None and len(out) >= limit:
+                for key, bucket in zip(run, found, strict=True):
+                    more = _pks(bucket, reverse, None if limit is None else limit - len(pks))
+                    keys += [key] * len(more)
+                    pks += more
+                    if limit is not None and len(pks) >= limit:
+                        break
+            if limit is not None and len(pks) >= limit:
                 break
-        return out
+        return keys, pks
 
     def count(self, lo: Any, hi: Any) -> int:
         """Number of items within ``[lo, hi)``. O(log k + keys in range)."""
         buckets = self.buckets
         n = 0
-        for key in self._keys_within(lo, hi, False):
+        for key in itertools.chain.from_iterable(self._key_runs(lo, hi, False, None)):
             bucket = buckets[key]
             n += len(bucket) if type(bucket) is list or type(bucket) is SortedList else 1
         return n
@@ -189,29 +211,32 @@ class KeyIndex:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _keys_within(self, lo: Any, hi: Any, reverse: bool) -> Iterator[Any]:
-        """The distinct keys within ``[lo, hi)``, walking the SortedList's sublists directly
-        (its positional methods would build an index tree that every later write must then
-        maintain). O(log k + keys in range)."""
+    def _key_runs(
+        self, lo: Any, hi: Any, reverse: bool, most: int | None
+    ) -> Iterator[list[Any]]:
+        """The distinct keys within ``[lo, hi)`` as list slices of at most ``most`` keys, one
+        per sublist of the SortedList, walked directly (its positional methods would build an
+        index tree that every later write must then maintain). O(log k) plus the slices."""
         lists: list[list[Any]] = self.keys._lists
         maxes: list[Any] = self.keys._maxes
         if not maxes:
-            return iter(())
+            return
         i, j = (0, 0) if lo is None else _locate(lists, maxes, lo)
         i2, j2 = (len(lists) - 1, len(lists[-1])) if hi is None else _locate(lists, maxes, hi)
         if (i, j) >= (i2, j2):
-            return iter(())
-        if i == i2:
-            chosen: Iterable[Any] = lists[i][j:j2]
-        else:
-            chosen = itertools.chain(
-                lists[i][j:], itertools.chain.from_iterable(lists[i + 1:i2]), lists[i2][:j2]
-            )
-        if reverse:
-            backwards: list[Any] = list(chosen)
-            backwards.reverse()
-            return iter(backwards)
-        return iter(chosen)
+            return
+        for n in range(i2, i - 1, -1) if reverse else range(i, i2 + 1):
+            start = j if n == i else 0
+            stop = j2 if n == i2 else len(lists[n])
+            if most is not None and stop - start > most:
+                if reverse:
+                    start = stop - most
+                else:
+                    stop = start + most
+            run = lists[n][start:stop]
+            if reverse:
+                run.reverse()
+            yield run
 
 
 _MISSING: Any = object()

@@ -239,7 +239,8 @@ class Store:
             if key is not None:  # a point lookup: one dict probe
                 items = [(key, pk, table[pk]) for pk in ki.get(key, reverse, need)]
             else:
-                items = [(k, pk, table[pk]) for k, pk in ki.scan(lo, hi, reverse, need)]
+                keys, pks = ki.columns(lo, hi, reverse, need)
+                items = list(zip(keys, pks, map(table.__getitem__, pks), strict=True))
             if not hidden and not shown:
                 return items
             items = [it for it in items if (it[0], it[1]) not in hidden]
