@@ -17,9 +17,10 @@ query value of another type than a typed index holds matches nothing and, as a r
 sits where :func:`~txindex.ordering.sort_key` would put it (``BOTTOM`` or ``TOP``). Fence buckets
 hash :meth:`Index.canonical`, the ``sort_key`` form, so they do not depend on the encoding.
 
-The store keeps each index as a sorted list of ``(encoded_key, primary_key, entry)`` items; the
-``*_bounds`` helpers return probes for ``bisect_left`` so that
-``items[bisect_left(lo):bisect_left(hi)]`` is the answer (``None`` = unbounded on that side).
+The store keeps each index as ordered ``(encoded_key, primary_key)`` items
+(:class:`~txindex.keyindex.KeyIndex`); the ``*_bounds`` helpers return probes ``(key,)`` (before
+every item of ``key``) and ``(key, TOP)`` (after every item of ``key``) that compare with items
+as tuples, so that the answer is every item ``lo <= item < hi`` (``None`` = unbounded).
 """
 
 from __future__ import annotations
