@@ -149,9 +149,10 @@ class Transaction:
         """Every object whose ``index`` key equals ``value``, ordered by (index key, primary
         key). O(log n + m)."""
         lo, hi = index.eq_bounds(value)
+        if not self.writable:
+            return self._objects(index, lo, hi, False, None)
         items = self._query(index, lo, hi, False, None)
-        if self.writable:
-            self._read_members(items)
+        self._read_members(items)
         return [it[2].value for it in items]
 
     def first(self, index: Index[M], value: Any) -> M | None:
@@ -176,12 +177,12 @@ class Transaction:
         if limit is not None and limit < 0:
             raise ValueError("limit must be >= 0")
         blo, bhi = index.range_bounds(lo, hi)
-        return iter([it[2].value for it in self._query(index, blo, bhi, reverse, limit)])
+        return iter(self._objects(index, blo, bhi, reverse, limit))
 
     def prefix(self, index: Index[M], prefix: str) -> list[M]:
         """Objects whose string ``index`` key starts with ``prefix``, in order."""
         lo, hi = index.prefix_bounds(prefix)
-        return [it[2].value for it in self._query(index, lo, hi, False, None)]
+        return self._objects(index, lo, hi, False, None)
 
     def count(self, index: Index[M], value: Any) -> int:
         """Number of items whose ``index`` key equals ``value``. O(log n)."""
@@ -205,9 +206,27 @@ class Transaction:
         ov = self._overlay_of(index)
         if ov is None:
             return self._store.query(index, lo, hi, rev, reverse=reverse, limit=limit)
+        return self._merged(ov, index, lo, hi, rev, reverse, limit)
+
+    def _merged(
+        self, ov: IndexOverlay, index: Index[Any], lo: Any, hi: Any, rev: int, reverse: bool,
+        limit: int | None,
+    ) -> list[Any]:
+        """The snapshot's items at ``rev`` merged with this transaction's own writes."""
         need = None if limit is None else limit + len(ov.removed)
         base = self._store.query(index, lo, hi, rev, reverse=reverse, limit=need)
         return ov.merge(base, lo, hi, reverse, limit)
+
+    def _objects(
+        self, index: Index[Any], lo: Any, hi: Any, reverse: bool, limit: int | None
+    ) -> list[Any]:
+        """The objects of :meth:`_query`'s items (the store skips building the items when
+        this transaction's writes do not touch the index). O(log n + m)."""
+        rev = self._record(index, lo, hi)
+        ov = self._overlay_of(index)
+        if ov is None:
+            return self._store.objects(index, lo, hi, rev, reverse=reverse, limit=limit)
+        return [it[2].value for it in self._merged(ov, index, lo, hi, rev, reverse, limit)]
 
     def _read_members(self, items: list[Any]) -> None:
         """Record the objects an equality query returned as point reads: bucket fences only
