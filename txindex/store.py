@@ -460,10 +460,15 @@ class Store:
         return Change(key, before, after) if keep else None
 
     def _index(self, entry: Entry) -> None:
-        pk = entry.pk
+        pk, value = entry.pk, entry.value
         for idx, extract, ki, _ in self._plans[entry.info]:
-            for k in _keys(idx, extract, entry):
-                ki.add(k, pk)
+            try:
+                keys = extract(value)
+            except Exception:  # a broken entry, a value the index cannot order
+                keys = index_keys(idx, entry)
+            add = ki.add
+            for k in keys:
+                add(k, pk)
 
     def _unindex(self, entry: Entry) -> None:
         pk = entry.pk

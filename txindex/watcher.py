@@ -261,14 +261,19 @@ class Watcher:
     def _apply_events(self, events: Sequence[Event]) -> None:
         applied = self._store.revision
         batches: list[tuple[int, list[tuple[str, Entry | None]]]] = []
+        updates: list[tuple[str, Entry | None]] = []
+        revision = 0
+        entry = self._decoder.entry
         for ev in events:
-            if ev.mod_revision <= applied:
+            rev = ev.mod_revision
+            if rev <= applied:
                 continue
-            if not batches or batches[-1][0] != ev.mod_revision:
-                batches.append((ev.mod_revision, []))
-            update = self._update(ev)
+            if rev != revision:
+                revision, updates = rev, []
+                batches.append((rev, updates))
+            update = self._update(ev) if ev.deleted else entry(ev.key, ev.value, rev)
             if update is not None:
-                batches[-1][1].append(update)
+                updates.append(update)
         self.stats.events += len(events)
         if batches:
             self._store_apply(batches)
