@@ -140,8 +140,10 @@ class KeyIndex:
         """The primary keys of ``key`` in order (or reversed), at most ``limit``, as a new
         list. O(1) dict probe plus O(m) for m returned."""
         bucket = self.buckets.get(key, _MISSING)
-        if bucket is _MISSING:
+        if bucket is _MISSING or limit == 0:
             return []
+        if type(bucket) is not list and type(bucket) is not SortedList:
+            return [bucket]
         return _pks(bucket, reverse, limit)
 
     def scan(self, lo: Any, hi: Any, reverse: bool = False, limit: int | None = None) -> list[Pair]:

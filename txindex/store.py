@@ -233,8 +233,14 @@ class Store:
         with self._lock:
             hidden, shown = self._changes_since(index, revision)
             need = None if limit is None else limit + len(hidden)
-            keys, pks, table = self._scan(index, lo, hi, reverse, need)
-            items = list(zip(keys, pks, map(table.__getitem__, pks), strict=True))
+            ki = self._indexes[index]
+            table = self._tables[self._model_of[index]]
+            key = equality_key(lo, hi)
+            if key is not None:  # one key: one dict probe
+                items = [(key, pk, table[pk]) for pk in ki.get(key, reverse, need)]
+            else:
+                keys, pks = ki.columns(lo, hi, reverse, need)
+                items = list(zip(keys, pks, map(table.__getitem__, pks), strict=True))
             if not hidden and not shown:
                 return items
             items = [it for it in items if (it[0], it[1]) not in hidden]
@@ -256,24 +262,16 @@ class Store:
         after ``revision``, read without building the items. Same complexity."""
         with self._lock:
             if revision >= self.revision:
-                _, pks, table = self._scan(index, lo, hi, reverse, limit)
+                ki = self._indexes[index]
+                key = equality_key(lo, hi)
+                if key is not None:
+                    pks = ki.get(key, reverse, limit)
+                else:
+                    pks = ki.columns(lo, hi, reverse, limit)[1]
+                table = self._tables[self._model_of[index]]
                 return list(map(_VALUE, map(table.__getitem__, pks)))
         return [it[2].value for it in self.query(index, lo, hi, revision, reverse=reverse,
                                                  limit=limit)]
-
-    def _scan(
-        self, index: Index[Any], lo: Any, hi: Any, reverse: bool, limit: int | None
-    ) -> tuple[list[Any], list[Any], dict[Any, Entry]]:
-        """Latest items within ``[lo, hi)`` as key and pk columns, and the model's table
-        (lock held). An equality range is one dict probe."""
-        ki = self._indexes[index]
-        key = equality_key(lo, hi)
-        if key is not None:
-            pks = ki.get(key, reverse, limit)
-            keys = [key] * len(pks)
-        else:
-            keys, pks = ki.columns(lo, hi, reverse, limit)
-        return keys, pks, self._tables[self._model_of[index]]
 
     def count(self, index: Index[Any], lo: Any, hi: Any, revision: int) -> int:
         """Number of items in ``[lo, hi)`` as of ``revision``. O(log k + keys in range) for k
@@ -495,7 +493,7 @@ class Store:
         shown again (with the entry of then, also where its index key did not move). Caller
         holds the lock. O(changes since ``revision``)."""
         if revision >= self.revision:
-            return set(), []
+            return _NO_CHANGES
         first_before: dict[str, Entry | None] = {}
         for batch in reversed(self._log):
             if batch.revision <= revision:
@@ -532,6 +530,7 @@ def _keys(index: Index[Any], extract: Callable[[Any], tuple[Any, ...]], entry: E
 
 
 _VALUE = operator.attrgetter("value")
+_NO_CHANGES: tuple[set[tuple[Any, Any]], list[IndexItem]] = (set(), [])  # never mutated
 
 
 def _order(item: IndexItem) -> tuple[Any, Any]:
