@@ -4,8 +4,9 @@ It loads the database prefix in pages at one pinned revision, then watches from 
 revision + 1. A stream that fails, or that stays silent past a liveness check, is replaced
 (backoff with jitter) and resumed at the last applied revision + 1. The liveness check is a
 progress request after ``progress_interval`` of silence (answered within another interval),
-or, for a backend with ``follow`` (etcd: :class:`~txindex.backend.etcd.EtcdFollowStream`, read
-directly by this thread with no hand-off), the stream's own watchdog probing the endpoint.
+or, for a backend with ``follow`` (etcd:
+:class:`~txindex.backend.etcd_watch.EtcdFollowStream`, read directly by this thread with no
+hand-off), the stream's own watchdog probing the endpoint.
 A compacted resume point triggers a resync: a fresh paged load diffed against the store and
 applied as one atomic batch, indexes included. Events at or below the applied revision are
 ignored (a commit of this process may have been applied by its committing thread). Values
