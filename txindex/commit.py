@@ -96,6 +96,7 @@ def _commit(tx: Transaction) -> int:
         validated = applied
         compares = [Compare((db.prefix + k).encode(), "mod", "=", tx.reads[k]) for k in point_keys]
         compares.extend(Compare(f, "mod", "<", validated + 1) for f in fences)
+        db._watcher.commit_begins()  # the watch may read lazily: this commit applies itself
         result = db._backend.txn(compares, ops, failure)
         if result.succeeded:
             try:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("txindex.watcher")
 
 MAX_PENDING = 64  # own commits kept for a local apply while the store is further behind
+BATCH_SECONDS = 0.002  # while this process commits, the watch is read at most this often
 
 
 @dataclass
@@ -143,6 +144,11 @@ class Watcher:
         # this process's commits known to be the whole of their revision, waiting for the
         # store to reach the revision before (see apply_local); guarded by hook_lock
         self._pending: dict[int, list[tuple[str, Entry | None]]] = {}
+        # Txns this process has sent (commit_begins; a count, not exact under races) and the
+        # lazy reading of the watch while it grows (see _follow)
+        self._begun = 0
+        self.batch_seconds = BATCH_SECONDS
+        self._wake = threading.Event()  # ends a lazy pause: a thread waits for the store
         self._backend = backend
         self._store = store
         self._start = prefix.encode()
@@ -171,6 +177,7 @@ class Watcher:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
         stream = self._stream
         if stream is not None:
             stream.close()
@@ -179,6 +186,7 @@ class Watcher:
 
     def nudge(self) -> None:
         """Ask for a progress notification now (a transaction waits for a revision)."""
+        self._wake.set()  # and read the watch now (see _follow)
         stream = self._stream
         if stream is not None:
             try:
@@ -234,8 +242,25 @@ class Watcher:
             timeout = self._progress_interval
         self._stream = stream
         waiting = False
+        begun = self._begun
         try:
             while not self._stopping.is_set():
+                if (
+                    follow is not None
+                    and begun != self._begun
+                    and self.batch_seconds
+                    and not self._pending
+                ):
+                    # This process is committing: its own commits are applied by the
+                    # committing threads (apply_local), so their events need no haste. A
+                    # pause lets a few responses queue up; reading queued responses costs a
+                    # fraction of waking up for each one (gRPC receive, thread wake-ups,
+                    # and etcd's side of the stream), CPU the committing threads need.
+                    # Ended early by anyone who waits for the store (nudge, apply_local);
+                    # none while a commit waits in _pending for the store to catch up.
+                    begun = self._begun
+                    self._wake.wait(self.batch_seconds)
+                    self._wake.clear()
                 resp = stream.get(timeout)
                 if resp is None:
                     if waiting:
@@ -276,6 +301,11 @@ class Watcher:
             if self._observer is not None:  # hook: txindex.metrics (cache lag)
                 self._observer.applied(self._store.revision)
 
+    def commit_begins(self) -> None:
+        """A committing thread is about to send a Txn: its event needs no haste (see
+        :meth:`_follow`). O(1), lock-free."""
+        self._begun += 1
+
     def apply_local(self, revision: int, updates: list[tuple[str, Entry | None]]) -> bool:
         """Apply this process's own commit at ``revision`` without waiting for its watch event,
         if the store has applied exactly ``revision - 1`` (then ``updates``, the commit's
@@ -293,8 +323,10 @@ class Watcher:
             if revision - 1 > applied:
                 if len(self._pending) < MAX_PENDING:
                     self._pending[revision] = updates
+                self._wake.set()  # read-your-writes now waits for the watch: no lazy pause
                 return False
             if not self._apply_locked([(revision, updates)], True, applied):
+                self._wake.set()
                 return False
             self.stats.local_applies += 1
             if self._pending:
