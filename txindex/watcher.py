@@ -9,7 +9,10 @@ or, for a backend with ``follow`` (etcd:
 hand-off), the stream's own watchdog probing the endpoint.
 A compacted resume point triggers a resync: a fresh paged load diffed against the store and
 applied as one atomic batch, indexes included. Events at or below the applied revision are
-ignored (a commit of this process may have been applied by its committing thread). Values
+ignored (a commit of this process may have been applied by its committing thread); while
+this process commits, the etcd watch is read lazily (a pause of up to ``batch_seconds`` after
+each response, see :meth:`Watcher._follow`), ended by a thread that waits for a revision
+only the watch brings (a kept commit, a re-validation, ``wait_for``). Values
 that do not decode are stored as :class:`~txindex.errors.DecodeError` (logged and counted) so
 that ``get`` raises for that key; nothing here stops the thread but ``stop``.
 """
@@ -39,6 +42,7 @@ log = logging.getLogger("txindex.watcher")
 
 MAX_PENDING = 64  # own commits kept for a local apply while the store is further behind
 BATCH_SECONDS = 0.002  # while this process commits, the watch is read at most this often
+EAGER_SECONDS = 0.1  # after a nudge (someone waits for the store) the watch is read at once
 
 
 @dataclass
@@ -144,11 +148,14 @@ class Watcher:
         # this process's commits known to be the whole of their revision, waiting for the
         # store to reach the revision before (see apply_local); guarded by hook_lock
         self._pending: dict[int, list[tuple[str, Entry | None]]] = {}
-        # Txns this process has sent (commit_begins; a count, not exact under races) and the
-        # lazy reading of the watch while it grows (see _follow)
+        # Txns this process has sent (commit_begins) and has in flight (until commit_ends):
+        # the watch is read lazily while the first grows (see _follow)
         self._begun = 0
+        self._inflight = 0
+        self._count_lock = threading.Lock()
         self.batch_seconds = BATCH_SECONDS
         self._wake = threading.Event()  # ends a lazy pause: a thread waits for the store
+        self._eager_until = 0.0  # no lazy pause before this time.monotonic() (see nudge)
         self._backend = backend
         self._store = store
         self._start = prefix.encode()
@@ -186,13 +193,19 @@ class Watcher:
 
     def nudge(self) -> None:
         """Ask for a progress notification now (a transaction waits for a revision)."""
-        self._wake.set()  # and read the watch now (see _follow)
+        self._hasten()
         stream = self._stream
         if stream is not None:
             try:
                 stream.request_progress()
             except Exception as exc:  # the loop notices a dead stream itself
                 log.debug("progress request failed: %s", exc)
+
+    def _hasten(self) -> None:
+        """Read the watch at once, and for :data:`EAGER_SECONDS` without lazy pauses: a
+        thread waits for revisions that only the watch brings, maybe several responses."""
+        self._eager_until = time.monotonic() + EAGER_SECONDS
+        self._wake.set()
 
     @property
     def alive(self) -> bool:
@@ -249,7 +262,8 @@ class Watcher:
                     follow is not None
                     and begun != self._begun
                     and self.batch_seconds
-                    and not self._pending
+                    and time.monotonic() >= self._eager_until
+                    and not self._hurry()
                 ):
                     # This process is committing: its own commits are applied by the
                     # committing threads (apply_local), so their events need no haste. A
@@ -257,7 +271,8 @@ class Watcher:
                     # fraction of waking up for each one (gRPC receive, thread wake-ups,
                     # and etcd's side of the stream), CPU the committing threads need.
                     # Ended early by anyone who waits for the store (nudge, apply_local);
-                    # none while a commit waits in _pending for the store to catch up.
+                    # none while a kept commit waits for a revision only the watch brings,
+                    # nor for EAGER_SECONDS after a nudge.
                     begun = self._begun
                     self._wake.wait(self.batch_seconds)
                     self._wake.clear()
@@ -303,8 +318,35 @@ class Watcher:
 
     def commit_begins(self) -> None:
         """A committing thread is about to send a Txn: its event needs no haste (see
-        :meth:`_follow`). O(1), lock-free."""
-        self._begun += 1
+        :meth:`_follow`). Pair with :meth:`commit_ends`. O(1)."""
+        with self._count_lock:
+            self._begun += 1
+            self._inflight += 1
+
+    def commit_ends(self) -> None:
+        """The Txn of :meth:`commit_begins` answered or failed (and was applied locally if it
+        could be). O(1)."""
+        with self._count_lock:
+            self._inflight -= 1
+
+    def _hurry(self) -> bool:
+        with self.hook_lock:
+            return self._hurry_locked(self._inflight)
+
+    def _hurry_locked(self, others: int) -> bool:
+        """True if a kept commit (``_pending``) waits for more revisions than ``others``
+        Txns of this process in flight can fill by local applies: at least one of them
+        (another writer's, a failed Txn's sync key, an unknown outcome) only the watch brings.
+        Caller holds ``hook_lock``. O(p) for p kept commits (at most :data:`MAX_PENDING`)."""
+        pending = self._pending
+        if not pending:
+            return False
+        applied = self._store.revision
+        kept = [r for r in pending if r > applied]
+        if not kept:
+            return False
+        missing = max(kept) - applied - len(kept)  # unapplied revisions before it, not kept
+        return missing > others
 
     def apply_local(self, revision: int, updates: list[tuple[str, Entry | None]]) -> bool:
         """Apply this process's own commit at ``revision`` without waiting for its watch event,
@@ -321,12 +363,17 @@ class Watcher:
             if revision <= applied:  # the watch was first
                 return False
             if revision - 1 > applied:
-                if len(self._pending) < MAX_PENDING:
-                    self._pending[revision] = updates
-                self._wake.set()  # read-your-writes now waits for the watch: no lazy pause
+                if len(self._pending) >= MAX_PENDING:
+                    self._hasten()  # not kept: read-your-writes waits for the watch
+                    return False
+                self._pending[revision] = updates
+                # a revision before it that only the watch brings (the caller's Txn is no
+                # other Txn in flight): no lazy pause (see _follow)
+                if self._hurry_locked(self._inflight - 1):
+                    self._wake.set()
                 return False
             if not self._apply_locked([(revision, updates)], True, applied):
-                self._wake.set()
+                self._hasten()
                 return False
             self.stats.local_applies += 1
             if self._pending:
