@@ -17,7 +17,7 @@ import pytest
 
 import txindex
 from txindex.backend import EtcdBackend, Put, WatchResponse, prefix_end
-from txindex.backend.etcd import EtcdFollowStream
+from txindex.backend.etcd_watch import EtcdFollowStream
 from txindex.errors import Compacted, WatchBroken
 from txindex.server import EtcdServer
 

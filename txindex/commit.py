@@ -96,13 +96,18 @@ def _commit(tx: Transaction) -> int:
         validated = applied
         compares = [Compare((db.prefix + k).encode(), "mod", "=", tx.reads[k]) for k in point_keys]
         compares.extend(Compare(f, "mod", "<", validated + 1) for f in fences)
-        result = db._backend.txn(compares, ops, failure)
-        if result.succeeded:
-            try:
-                _apply_locally(tx, result.revision)
-            except Exception:  # committed: never fail the commit; the watch delivers it
-                log.exception("txindex: local apply of revision %d failed", result.revision)
-            return result.revision
+        watcher = db._watcher
+        watcher.commit_begins()  # the watch may read lazily: this commit applies itself
+        try:
+            result = db._backend.txn(compares, ops, failure)
+            if result.succeeded:
+                try:
+                    _apply_locally(tx, result.revision)
+                except Exception:  # committed: never fail the commit; the watch delivers it
+                    log.exception("txindex: local apply of revision %d failed", result.revision)
+                return result.revision
+        finally:
+            watcher.commit_ends()
         db._catch_up(result.revision)
     raise Conflict(f"gave up after {db.max_rounds} re-validation rounds under write load")
 

@@ -4,11 +4,15 @@ It loads the database prefix in pages at one pinned revision, then watches from 
 revision + 1. A stream that fails, or that stays silent past a liveness check, is replaced
 (backoff with jitter) and resumed at the last applied revision + 1. The liveness check is a
 progress request after ``progress_interval`` of silence (answered within another interval),
-or, for a backend with ``follow`` (etcd: :class:`~txindex.backend.etcd.EtcdFollowStream`, read
-directly by this thread with no hand-off), the stream's own watchdog probing the endpoint.
+or, for a backend with ``follow`` (etcd:
+:class:`~txindex.backend.etcd_watch.EtcdFollowStream`, read directly by this thread with no
+hand-off), the stream's own watchdog probing the endpoint.
 A compacted resume point triggers a resync: a fresh paged load diffed against the store and
 applied as one atomic batch, indexes included. Events at or below the applied revision are
-ignored (a commit of this process may have been applied by its committing thread). Values
+ignored (a commit of this process may have been applied by its committing thread); while
+this process commits, the etcd watch is read lazily (a pause of up to ``batch_seconds`` after
+each response, see :meth:`Watcher._follow`), ended by a thread that waits for a revision
+only the watch brings (a kept commit, a re-validation, ``wait_for``). Values
 that do not decode are stored as :class:`~txindex.errors.DecodeError` (logged and counted) so
 that ``get`` raises for that key; nothing here stops the thread but ``stop``.
 """
@@ -37,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("txindex.watcher")
 
 MAX_PENDING = 64  # own commits kept for a local apply while the store is further behind
+BATCH_SECONDS = 0.002  # while this process commits, the watch is read at most this often
+EAGER_SECONDS = 0.1  # after a nudge (someone waits for the store) the watch is read at once
 
 
 @dataclass
@@ -142,6 +148,14 @@ class Watcher:
         # this process's commits known to be the whole of their revision, waiting for the
         # store to reach the revision before (see apply_local); guarded by hook_lock
         self._pending: dict[int, list[tuple[str, Entry | None]]] = {}
+        # Txns this process has sent (commit_begins) and has in flight (until commit_ends):
+        # the watch is read lazily while the first grows (see _follow)
+        self._begun = 0
+        self._inflight = 0
+        self._count_lock = threading.Lock()
+        self.batch_seconds = BATCH_SECONDS
+        self._wake = threading.Event()  # ends a lazy pause: a thread waits for the store
+        self._eager_until = 0.0  # no lazy pause before this time.monotonic() (see nudge)
         self._backend = backend
         self._store = store
         self._start = prefix.encode()
@@ -170,6 +184,7 @@ class Watcher:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
         stream = self._stream
         if stream is not None:
             stream.close()
@@ -178,12 +193,19 @@ class Watcher:
 
     def nudge(self) -> None:
         """Ask for a progress notification now (a transaction waits for a revision)."""
+        self._hasten()
         stream = self._stream
         if stream is not None:
             try:
                 stream.request_progress()
             except Exception as exc:  # the loop notices a dead stream itself
                 log.debug("progress request failed: %s", exc)
+
+    def _hasten(self) -> None:
+        """Read the watch at once, and for :data:`EAGER_SECONDS` without lazy pauses: a
+        thread waits for revisions that only the watch brings, maybe several responses."""
+        self._eager_until = time.monotonic() + EAGER_SECONDS
+        self._wake.set()
 
     @property
     def alive(self) -> bool:
@@ -233,8 +255,27 @@ class Watcher:
             timeout = self._progress_interval
         self._stream = stream
         waiting = False
+        begun = self._begun
         try:
             while not self._stopping.is_set():
+                if (
+                    follow is not None
+                    and begun != self._begun
+                    and self.batch_seconds
+                    and time.monotonic() >= self._eager_until
+                    and not self._hurry()
+                ):
+                    # This process is committing: its own commits are applied by the
+                    # committing threads (apply_local), so their events need no haste. A
+                    # pause lets a few responses queue up; reading queued responses costs a
+                    # fraction of waking up for each one (gRPC receive, thread wake-ups,
+                    # and etcd's side of the stream), CPU the committing threads need.
+                    # Ended early by anyone who waits for the store (nudge, apply_local);
+                    # none while a kept commit waits for a revision only the watch brings,
+                    # nor for EAGER_SECONDS after a nudge.
+                    begun = self._begun
+                    self._wake.wait(self.batch_seconds)
+                    self._wake.clear()
                 resp = stream.get(timeout)
                 if resp is None:
                     if waiting:
@@ -280,6 +321,38 @@ class Watcher:
             if self._observer is not None:  # hook: txindex.metrics (cache lag)
                 self._observer.applied(self._store.revision)
 
+    def commit_begins(self) -> None:
+        """A committing thread is about to send a Txn: its event needs no haste (see
+        :meth:`_follow`). Pair with :meth:`commit_ends`. O(1)."""
+        with self._count_lock:
+            self._begun += 1
+            self._inflight += 1
+
+    def commit_ends(self) -> None:
+        """The Txn of :meth:`commit_begins` answered or failed (and was applied locally if it
+        could be). O(1)."""
+        with self._count_lock:
+            self._inflight -= 1
+
+    def _hurry(self) -> bool:
+        with self.hook_lock:
+            return self._hurry_locked(self._inflight)
+
+    def _hurry_locked(self, others: int) -> bool:
+        """True if a kept commit (``_pending``) waits for more revisions than ``others``
+        Txns of this process in flight can fill by local applies: at least one of them
+        (another writer's, a failed Txn's sync key, an unknown outcome) only the watch brings.
+        Caller holds ``hook_lock``. O(p) for p kept commits (at most :data:`MAX_PENDING`)."""
+        pending = self._pending
+        if not pending:
+            return False
+        applied = self._store.revision
+        kept = [r for r in pending if r > applied]
+        if not kept:
+            return False
+        missing = max(kept) - applied - len(kept)  # unapplied revisions before it, not kept
+        return missing > others
+
     def apply_local(self, revision: int, updates: list[tuple[str, Entry | None]]) -> bool:
         """Apply this process's own commit at ``revision`` without waiting for its watch event,
         if the store has applied exactly ``revision - 1`` (then ``updates``, the commit's
@@ -295,10 +368,17 @@ class Watcher:
             if revision <= applied:  # the watch was first
                 return False
             if revision - 1 > applied:
-                if len(self._pending) < MAX_PENDING:
-                    self._pending[revision] = updates
+                if len(self._pending) >= MAX_PENDING:
+                    self._hasten()  # not kept: read-your-writes waits for the watch
+                    return False
+                self._pending[revision] = updates
+                # a revision before it that only the watch brings (the caller's Txn is no
+                # other Txn in flight): no lazy pause (see _follow)
+                if self._hurry_locked(self._inflight - 1):
+                    self._wake.set()
                 return False
             if not self._apply_locked([(revision, updates)], True, applied):
+                self._hasten()
                 return False
             self.stats.local_applies += 1
             if self._pending:

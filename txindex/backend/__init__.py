@@ -44,7 +44,8 @@ from txindex.backend.base import (
     prefix_end,
     successor,
 )
-from txindex.backend.etcd import EtcdBackend, EtcdWatchStream, tls_credentials
+from txindex.backend.etcd import EtcdBackend, tls_credentials
+from txindex.backend.etcd_watch import EtcdWatchStream
 from txindex.backend.memory import MemoryBackend, MemoryWatchStream
 from txindex.errors import AuthError, RequestRejected
 

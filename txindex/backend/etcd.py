@@ -12,7 +12,8 @@
 * Watches: :meth:`EtcdBackend.watch` gives an :class:`EtcdWatchStream` (bidi call, reader
   thread, ``get(timeout)``, progress requests); :meth:`EtcdBackend.follow` gives the watcher's
   :class:`EtcdFollowStream` (unary-stream call read by the calling thread itself, liveness by
-  a watchdog probe), which costs two thread hand-offs less per response.
+  a watchdog probe), which costs two thread hand-offs less per response. Both live in
+  :mod:`txindex.backend.etcd_watch`; reading gRPC failures in :mod:`txindex.backend.etcd_errors`.
 * ``Compacted.compact_revision``: etcd's error does not carry it; it is fetched with a probe
   watch from revision 1 (canceled with the compact revision), 0 if that probe fails.
 * TLS: ``ca_cert`` (PEM file of the CA that signed the server's certificate), ``cert_cert`` and
@@ -33,26 +34,32 @@ from __future__ import annotations
 
 import functools
 import gc
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 from etcd3 import etcdrpc
-from etcd3.etcdrpc import kv_pb2
 
 from txindex.backend.base import (
     Compare,
-    Event,
     KeyValue,
     Op,
     Put,
     RangePage,
     TxnResult,
-    WatchResponse,
 )
+from txindex.backend.etcd_errors import (
+    _RETRY,
+    _UNKNOWN_OUTCOME,
+    _auth_refused,
+    _code,
+    _details,
+    _never_sent,
+    _token_refused,
+)
+from txindex.backend.etcd_watch import EtcdFollowStream, EtcdWatchStream, Metadata
 from txindex.errors import (
     AuthError,
     Closed,
@@ -61,7 +68,6 @@ from txindex.errors import (
     RequestRejected,
     TxTooLarge,
     Unavailable,
-    WatchBroken,
 )
 
 __all__ = [
@@ -69,7 +75,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-Metadata = tuple[tuple[str, str], ...]
 
 DEFAULT_GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -81,16 +86,6 @@ DEFAULT_GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_timeout_ms", 5_000),
 )
 
-_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-_UNKNOWN_OUTCOME = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-    }
-)
 _TARGETS = {
     "mod": etcdrpc.Compare.MOD,
     "create": etcdrpc.Compare.CREATE,
@@ -105,44 +100,6 @@ _OPS = {
     "<": etcdrpc.Compare.LESS,
     ">": etcdrpc.Compare.GREATER,
 }
-
-
-def _code(e: grpc.RpcError) -> Any:
-    return e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
-
-
-def _details(e: grpc.RpcError) -> str:
-    return (e.details() if isinstance(e, grpc.Call) else str(e)) or ""
-
-
-_AUTH_CODES = frozenset(
-    {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
-)
-_AUTH_WORDS = ("invalid auth token", "auth store is old", "user name is empty", "authentication")
-
-
-def _token_refused(e: grpc.RpcError) -> bool:
-    """True if etcd refused the request's auth token (stale, expired, from before a restart):
-    authenticating again may help. The request was not applied."""
-    low = _details(e).lower()
-    return _code(e) == grpc.StatusCode.UNAUTHENTICATED or (
-        "invalid auth token" in low or "auth store is old" in low
-    )
-
-
-def _auth_refused(e: grpc.RpcError) -> bool:
-    """True for any auth refusal (token, credentials, permission)."""
-    low = _details(e).lower()
-    return _code(e) in _AUTH_CODES or any(w in low for w in _AUTH_WORDS) or (
-        "permission denied" in low
-    )
-
-
-def _auth_cancel(reason: str) -> bool:
-    """True if a watch cancel reason is an auth refusal (etcd 3.5 cancels a watch created with
-    a stale token as "permission denied")."""
-    low = reason.lower()
-    return "permission denied" in low or "auth" in low
 
 
 class _Secret:
@@ -184,11 +141,6 @@ def tls_credentials(
         private_key=_read_pem(cert_key, "cert_key"),
         certificate_chain=_read_pem(cert_cert, "cert_cert"),
     )
-
-
-def _never_sent(e: grpc.RpcError) -> bool:
-    """True if the RPC failed before reaching any server (no connection could be made)."""
-    return _code(e) == grpc.StatusCode.UNAVAILABLE and "failed to connect" in _details(e).lower()
 
 
 def _compare_pb(c: Compare) -> Any:
@@ -272,362 +224,6 @@ class _Endpoint:
             request_serializer=etcdrpc.WatchRequest.SerializeToString,
             response_deserializer=etcdrpc.WatchResponse.FromString,
         )
-
-
-def _canceled(resp: Any) -> Exception:
-    """The error a canceled watch response stands for."""
-    if resp.compact_revision > 0:
-        return Compacted(resp.compact_revision)
-    return WatchBroken(f"watch canceled by the server: {resp.cancel_reason or '-'}")
-
-
-def _answer(item: Any) -> WatchResponse | None:
-    """A watch response as an event batch or a progress notification; None for the response
-    that only confirms the watch was created."""
-    if item.events:
-        return _events(item)
-    if item.created:
-        return None
-    return WatchResponse((), item.header.revision, progress=True)
-
-
-def _events(resp: Any) -> WatchResponse:
-    delete = kv_pb2.Event.DELETE
-    events = tuple(
-        Event(e.kv.key, e.kv.value, e.kv.mod_revision, e.type == delete) for e in resp.events
-    )
-    return WatchResponse(events, events[-1].mod_revision)
-
-
-class EtcdWatchStream:
-    """One etcd watch on its own bidi ``Watch`` call (progress notifications on).
-
-    A reader thread moves responses into a queue; :meth:`get` turns them into
-    :class:`WatchResponse` values. The ``created`` response is consumed internally. An event
-    batch's ``revision`` is its last event's revision (etcd's header revision on a catch-up
-    batch may run ahead of the events delivered so far, so it is not a safe promise).
-    """
-
-    def __init__(
-        self,
-        stub: Any,
-        create: Any,
-        metadata: Sequence[tuple[str, str]] | None,
-        on_failure: Callable[[], None] | None = None,
-        reauthenticate: Callable[[Metadata], Metadata] | None = None,
-    ) -> None:
-        self._stub = stub
-        self._create = create
-        self._responses: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._dead = False
-        self._on_failure = on_failure
-        # ``reauthenticate(stale metadata) -> fresh metadata``: called (at most once) when
-        # etcd refuses to create the watch for an auth reason; the watch is then created again.
-        self._reauthenticate = reauthenticate
-        self._metadata: Metadata = tuple(metadata or ())
-        self._requests, self._call = self._open()
-        self._thread = threading.Thread(target=self._read, name="txindex-etcd-watch", daemon=True)
-        self._thread.start()
-
-    def _open(self) -> tuple[queue.SimpleQueue[Any], Any]:
-        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        requests.put(etcdrpc.WatchRequest(create_request=self._create))
-        # "hasleader": etcd cancels the watch when its member loses the leader, instead of
-        # letting it stall silently on a partitioned member (clientv3's WithRequireLeader).
-        call = self._stub.Watch(
-            self._request_iter(requests), metadata=(*self._metadata, ("hasleader", "true"))
-        )
-        return requests, call
-
-    @staticmethod
-    def _request_iter(requests: queue.SimpleQueue[Any]) -> Iterator[Any]:
-        while True:
-            req = requests.get()
-            if req is None:
-                return
-            yield req
-
-    def _reopen(self) -> bool:
-        """Authenticate again and create the watch anew on a fresh call (nothing has been
-        delivered from the refused one). False if closed meanwhile or re-auth failed."""
-        assert self._reauthenticate is not None
-        refresh, self._reauthenticate = self._reauthenticate, None
-        try:
-            metadata = refresh(self._metadata)
-        except Exception as e:
-            self._responses.put(WatchBroken(f"watch re-authentication failed: {e}"))
-            return False
-        with self._lock:
-            if self._closed:
-                return False
-            old_requests, old_call = self._requests, self._call
-            self._metadata = metadata
-            self._requests, self._call = self._open()
-        old_requests.put(None)
-        old_call.cancel()
-        return True
-
-    def _read(self) -> None:
-        while True:
-            call = self._call
-            first = True
-            try:
-                for resp in call:
-                    if (
-                        first
-                        and resp.canceled
-                        and self._reauthenticate is not None
-                        and _auth_cancel(resp.cancel_reason)
-                    ):
-                        break  # refused at creation: re-authenticate, create again
-                    first = False
-                    self._responses.put(resp)
-                else:
-                    self._responses.put(WatchBroken("watch stream ended by the server"))
-                    return
-            except grpc.RpcError as e:
-                if self._closed:
-                    self._responses.put(WatchBroken("watch stream is closed"))
-                    return
-                if not (first and self._reauthenticate is not None and _token_refused(e)):
-                    if self._on_failure is not None:
-                        self._on_failure()  # later watches try the next endpoint
-                    self._responses.put(
-                        WatchBroken(f"watch stream failed: {_code(e)}: {_details(e)}")
-                    )
-                    return
-            except Exception as e:  # pragma: no cover - defensive: never lose the failure
-                self._responses.put(WatchBroken(f"watch reader failed: {e!r}"))
-                return
-            if not self._reopen():
-                self._responses.put(WatchBroken("watch stream is closed"))
-                return
-
-    def get(self, timeout: float | None) -> WatchResponse | None:
-        """Next event batch or progress notification; None after ``timeout`` seconds.
-        Raises ``Compacted`` or ``WatchBroken``, after which the stream is dead."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._dead or self._closed:
-                raise WatchBroken("watch stream is closed")
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                item = self._responses.get(timeout=remaining)
-            except queue.Empty:
-                return None
-            if isinstance(item, Exception):
-                self._die()
-                raise item
-            if item.canceled:
-                self._die()
-                raise _canceled(item)
-            answer = _answer(item)
-            if answer is not None:
-                return answer
-
-    def request_progress(self) -> None:
-        """Send a WatchProgressRequest; the answer arrives through :meth:`get`.
-
-        Caveat: etcd < 3.5.8 / 3.4.24 answers at once with the store revision even when this
-        watcher is still catching up (etcd issue #15220)."""
-        with self._lock:
-            if not self._closed:
-                self._requests.put(
-                    etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest())
-                )
-
-    def _die(self) -> None:
-        self._dead = True
-        self._shutdown(join=False)
-
-    def _shutdown(self, join: bool) -> None:
-        with self._lock:
-            first = not self._closed
-            self._closed = True
-        if first:
-            self._requests.put(None)
-            self._call.cancel()
-        if join and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-            if not self._thread.is_alive():
-                # Drop the call now, while gRPC's threads run: if its finalizer only ran at
-                # interpreter exit it could wait forever for a lock held by a frozen daemon
-                # thread (seen as a hang of a short-lived process on exit, ~1 run in 25).
-                self._call = None
-
-    def close(self) -> None:
-        """Cancel the call and join the reader thread. Idempotent."""
-        self._shutdown(join=True)
-
-
-class EtcdFollowStream:
-    """One etcd watch read directly by the thread that calls :meth:`get` (the watcher's): the
-    ``Watch`` method called as unary-stream on a single-threaded call, so a response reaches
-    that thread with no hand-off (no channel spin thread, no reader thread, no queue: two
-    thread wake-ups and about a third of the process's CPU per watch event fewer than
-    :class:`EtcdWatchStream`).
-
-    Without a request stream there are no progress requests: liveness is a watchdog thread's
-    job. When nothing arrived for ``liveness`` seconds it probes the watch's endpoint with a
-    count-only Range (deadline ``liveness``); a probe with no answer (connection stalled or
-    lost, no leader) cancels the call, and :meth:`get` raises ``WatchBroken``. The server
-    itself cancels the watch when its member loses the leader (``hasleader``). A watch that a
-    healthy, answering server stops feeding is not detected (as with etcd's own client).
-    """
-
-    def __init__(
-        self,
-        endpoint: _Endpoint,
-        create: Any,
-        metadata: Sequence[tuple[str, str]] | None,
-        liveness: float,
-        probe: Callable[[float], None],
-        on_failure: Callable[[], None] | None = None,
-        reauthenticate: Callable[[Metadata], Metadata] | None = None,
-    ) -> None:
-        self._endpoint = endpoint
-        self._create = create
-        self._metadata: Metadata = tuple(metadata or ())
-        self._liveness = liveness
-        self._probe = probe
-        self._on_failure = on_failure
-        self._reauthenticate = reauthenticate  # at most once, as in EtcdWatchStream
-        self._lock = threading.Lock()
-        self._closed = False
-        self._dead = False
-        self._reading = False  # a thread is inside the call: only it may drop the call
-        self._first = True  # the next response is the call's first
-        self._received = 0  # responses so far (the watchdog's evidence of life)
-        self._broken = ""  # why the watchdog canceled the call
-        self._stop = threading.Event()
-        self._call: Any = self._open()
-        self._watchdog = threading.Thread(
-            target=self._watch, name="txindex-etcd-watchdog", daemon=True
-        )
-        self._watchdog.start()
-
-    def _open(self) -> Any:
-        return self._endpoint.watch_one(
-            etcdrpc.WatchRequest(create_request=self._create),
-            metadata=(*self._metadata, ("hasleader", "true")),
-        )
-
-    def get(self, timeout: float | None = None) -> WatchResponse | None:
-        """Next event batch or progress notification, read in the calling thread (one thread
-        at a time). Blocks until one arrives: ``timeout`` is ignored (the watchdog ends a
-        silent stream). Raises ``Compacted`` or ``WatchBroken``, after which the stream is
-        dead."""
-        while True:
-            with self._lock:
-                if self._dead or self._closed:
-                    raise WatchBroken(self._broken or "watch stream is closed")
-                call = self._call
-                self._reading = True
-            try:
-                item = next(call)
-            except StopIteration:
-                self._die()
-                raise WatchBroken("watch stream ended by the server") from None
-            except grpc.RpcError as e:
-                if self._closed:  # by close(), or by the watchdog (then _broken says why)
-                    self._die()
-                    raise WatchBroken(self._broken or "watch stream is closed") from None
-                if self._first and self._reauthenticate is not None and _token_refused(e):
-                    self._reopen()
-                    continue
-                if self._on_failure is not None:
-                    self._on_failure()  # later watches try the next endpoint
-                self._die()
-                raise WatchBroken(f"watch stream failed: {_code(e)}: {_details(e)}") from None
-            finally:
-                with self._lock:
-                    self._reading = False
-                    if self._closed:
-                        self._call = None  # see _shutdown
-            self._received += 1
-            first, self._first = self._first, False
-            if item.canceled:
-                if first and self._reauthenticate is not None and _auth_cancel(
-                    item.cancel_reason
-                ):
-                    self._reopen()  # refused at creation: re-authenticate, create again
-                    continue
-                self._die()
-                raise _canceled(item)
-            answer = _answer(item)
-            if answer is not None:
-                return answer
-
-    def _reopen(self) -> None:
-        """Authenticate again and create the watch anew on a fresh call (nothing has been
-        delivered from the refused one)."""
-        assert self._reauthenticate is not None
-        refresh, self._reauthenticate = self._reauthenticate, None
-        try:
-            metadata = refresh(self._metadata)
-        except Exception as e:
-            self._die()
-            raise WatchBroken(f"watch re-authentication failed: {e}") from None
-        with self._lock:
-            if self._closed:
-                raise WatchBroken("watch stream is closed")
-            old = self._call
-            self._metadata = metadata
-            self._call = self._open()
-            self._first = True
-        if old is not None:
-            old.cancel()
-
-    def request_progress(self) -> None:
-        """No-op: this stream has no request side (see the class doc)."""
-
-    def _watch(self) -> None:
-        """The watchdog: probe the endpoint after ``liveness`` seconds with no response."""
-        seen = -1
-        while not self._stop.wait(self._liveness):
-            if self._received != seen:
-                seen = self._received
-                continue
-            try:
-                self._probe(self._liveness)
-            except Exception as e:
-                why = f"{_code(e)}: {_details(e)}" if isinstance(e, grpc.RpcError) else repr(e)
-                with self._lock:
-                    if self._closed:
-                        return
-                    self._broken = (
-                        f"watch stream silent for {self._liveness:g}s and its endpoint did not "
-                        f"answer a probe: {why}"
-                    )
-                if self._on_failure is not None:
-                    self._on_failure()
-                self._shutdown()  # the reading thread wakes up with WatchBroken
-                return
-
-    def _die(self) -> None:
-        self._dead = True
-        self._shutdown()
-
-    def _shutdown(self) -> None:
-        with self._lock:
-            first = not self._closed
-            self._closed = True
-            call = self._call
-            if not self._reading:
-                # Drop the call now, while gRPC's threads run (see EtcdWatchStream._shutdown);
-                # a thread inside it drops it on its way out.
-                self._call = None
-        self._stop.set()
-        if first and call is not None:
-            call.cancel()
-
-    def close(self) -> None:
-        """Cancel the call and stop the watchdog. Idempotent."""
-        self._shutdown()
-        if self._watchdog is not threading.current_thread():
-            self._watchdog.join(timeout=self._liveness + 5)
 
 
 class EtcdBackend:
@@ -883,7 +479,7 @@ class EtcdBackend:
                 if _code(e) in _RETRY:
                     raise
         stream = EtcdFollowStream(
-            ep,
+            ep.watch_one,
             create,
             self._call_metadata(self._token),
             liveness,
