@@ -53,7 +53,7 @@ class KeyIndex:
 
     @classmethod
     def build(cls, pairs: Iterable[Pair]) -> KeyIndex:
-        """An index holding ``pairs`` (no pair twice). O(n log n), one sort."""
+        """An index holding ``pairs`` (no pair twice). O(n log n)."""
         ki = cls()
         pairs = pairs if isinstance(pairs, list) else list(pairs)
         single = dict(pairs)
@@ -140,11 +140,7 @@ class KeyIndex:
         """The primary keys of ``key`` in order (or reversed), at most ``limit``, as a new
         list. O(1) dict probe plus O(m) for m returned."""
         bucket = self.buckets.get(key, _MISSING)
-        if bucket is _MISSING or limit == 0:
-            return []
-        if type(bucket) is not list and type(bucket) is not SortedList:
-            return [bucket]
-        return _pks(bucket, reverse, limit)
+        return [] if bucket is _MISSING else _pks(bucket, reverse, limit)
 
     def scan(self, lo: Any, hi: Any, reverse: bool = False, limit: int | None = None) -> list[Pair]:
         """Items within the bounds ``[lo, hi)``, in order or reversed, at most ``limit``.

@@ -311,14 +311,10 @@ class Store:
             tables[e.info][e.pk] = e
         built: dict[Index[Any], list[tuple[Any, Any]]] = {idx: [] for idx in self._indexes}
         for entry in (e for table in tables.values() for e in table.values()):
-            pk, value = entry.pk, entry.value
+            pk = entry.pk
             for idx in entry.info.indexes:
-                try:
-                    keys = idx.extract(value)
-                except Exception:  # a broken entry, a value the index cannot order
-                    keys = index_keys(idx, entry)
                 pairs = built[idx]
-                for k in keys:
+                for k in _keys(idx, idx.extract, entry):
                     pairs.append((k, pk))
         indexes = {idx: KeyIndex.build(pairs) for idx, pairs in built.items()}
         with self._lock:
@@ -458,15 +454,10 @@ class Store:
         return Change(key, before, after) if keep else None
 
     def _index(self, entry: Entry) -> None:
-        pk, value = entry.pk, entry.value
+        pk = entry.pk
         for idx, extract, ki, _ in self._plans[entry.info]:
-            try:
-                keys = extract(value)
-            except Exception:  # a broken entry, a value the index cannot order
-                keys = index_keys(idx, entry)
-            add = ki.add
-            for k in keys:
-                add(k, pk)
+            for k in _keys(idx, extract, entry):
+                ki.add(k, pk)
 
     def _unindex(self, entry: Entry) -> None:
         pk = entry.pk

@@ -304,7 +304,6 @@ class Watcher:
         batches: list[tuple[int, list[tuple[str, Entry | None]]]] = []
         updates: list[tuple[str, Entry | None]] = []
         revision = 0
-        entry = self._decoder.entry
         for ev in events:
             rev = ev.mod_revision
             if rev <= applied:
@@ -312,7 +311,7 @@ class Watcher:
             if rev != revision:
                 revision, updates = rev, []
                 batches.append((rev, updates))
-            update = self._update(ev) if ev.deleted else entry(ev.key, ev.value, rev)
+            update = self._update(ev)
             if update is not None:
                 updates.append(update)
         self.stats.events += len(events)
