@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -478,7 +479,7 @@ class Store:
 
     def _changes_since(
         self, index: Index[Any], revision: int
-    ) -> tuple[set[tuple[Any, Any]], list[IndexItem]]:
+    ) -> tuple[AbstractSet[tuple[Any, Any]], Sequence[IndexItem]]:
         """Pairs to hide and items to show so that the latest index reads as of ``revision``:
         every current pair of a key changed since then is hidden and every item it had then is
         shown again (with the entry of then, also where its index key did not move). Caller
@@ -521,7 +522,7 @@ def _keys(index: Index[Any], extract: Callable[[Any], tuple[Any, ...]], entry: E
 
 
 _VALUE = operator.attrgetter("value")
-_NO_CHANGES: tuple[set[tuple[Any, Any]], list[IndexItem]] = (set(), [])  # never mutated
+_NO_CHANGES: tuple[AbstractSet[tuple[Any, Any]], Sequence[IndexItem]] = (frozenset(), ())
 
 
 def _order(item: IndexItem) -> tuple[Any, Any]:
