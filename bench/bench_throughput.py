@@ -12,16 +12,18 @@ import statistics
 from typing import Any
 
 import txindex
-from bench.common import Context, Host, Measured, curve, metric, p99
+from bench.common import Context, Host, Measured, Watchers, curve, metric, p99
 from bench.workers import ProcPool, RawWriter, TxindexWriter, etcd3_client, run_threads
 from txindex.server import EtcdCluster
 
 
-def _alternate(rounds: int, run: Any) -> dict[str, tuple[list[float], list[float]]]:
+def _alternate(
+    rounds: int, run: Any, sides: tuple[str, ...] = ("txindex", "raw")
+) -> dict[str, tuple[list[float], list[float]]]:
     """``run(side) -> (rate, latencies)`` for ``rounds`` rounds per side, alternating."""
-    out: dict[str, tuple[list[float], list[float]]] = {"txindex": ([], []), "raw": ([], [])}
+    out: dict[str, tuple[list[float], list[float]]] = {side: ([], []) for side in sides}
     for r in range(rounds):
-        for side in ("txindex", "raw") if r % 2 == 0 else ("raw", "txindex"):
+        for side in sides if r % 2 == 0 else sides[::-1]:
             rate, lat = run(side)
             out[side][0].append(rate)
             out[side][1].extend(lat)
@@ -30,7 +32,7 @@ def _alternate(rounds: int, run: Any) -> dict[str, tuple[list[float], list[float
 
 def _summary(res: dict[str, tuple[list[float], list[float]]]) -> Measured:
     (c_rates, c_lat), (b_rates, b_lat) = res["txindex"], res["raw"]
-    return Measured(
+    m = Measured(
         statistics.median(c_rates),
         statistics.median(b_rates),
         {
@@ -42,6 +44,12 @@ def _summary(res: dict[str, tuple[list[float], list[float]]]) -> Measured:
             "commits": len(c_lat),
         },
     )
+    if "raw_watched" in res:  # the floor: raw Txns into a prefix etcdctl processes watch
+        watched = statistics.median(res["raw_watched"][0])
+        m.extra["raw_watched_commits_s"] = watched
+        m.extra["raw_watched_ratio"] = watched / m.baseline
+        m.extra["ratio_vs_raw_watched"] = m.value / watched
+    return m
 
 
 @metric(
@@ -66,10 +74,18 @@ def throughput_8threads_vs_raw(ctx: Context) -> Measured:
         "txindex": [TxindexWriter(db, t) for t in range(threads)],
         "raw": [RawWriter(client, raw, t) for t in range(threads)],
     }
+    # reported only: the same raw Txns into a prefix one etcdctl process watches
+    watched = ctx.fresh_prefix("thr-watched")
+    watchers = Watchers(ctx.endpoint or "", watched, 1, ctx.tmp)
+    ctx.on_close(watchers.close)
+    if watchers.available:
+        sides["raw_watched"] = [RawWriter(client, watched, t) for t in range(threads)]
     for ws in sides.values():  # warm-up: channels, code paths
         run_threads(ws, 0.2)
     local0 = db.stats()["local_applies"]
-    res = _alternate(ctx.pick(2, 4, 6), lambda side: run_threads(sides[side], duration))
+    res = _alternate(
+        ctx.pick(2, 4, 6), lambda side: run_threads(sides[side], duration), tuple(sides)
+    )
     m = _summary(res)
     # share of commits the committing threads applied themselves (else the watch did)
     m.extra["local_apply_share"] = (db.stats()["local_applies"] - local0) / m.extra["commits"]
@@ -92,13 +108,24 @@ def throughput_3procs_vs_raw(ctx: Context) -> Measured:
     disjoint keys, vs 3 processes of raw etcd3 Txns (no watch on the raw prefix)."""
     procs = 3
     duration = ctx.pick(0.5, 2.0, 5.0)
+    # reported only: raw Txns into a prefix 3 etcdctl processes watch, as 3 DBs watch theirs
+    watched = ctx.fresh_prefix("pwatched")
+    watchers = Watchers(ctx.endpoint or "", watched, procs, ctx.tmp)
+    ctx.on_close(watchers.close)
     pool = ProcPool(
-        procs, ctx.etcd_url, ctx.fresh_prefix("procs"), ctx.endpoint or "", ctx.fresh_prefix("praw")
+        procs,
+        ctx.etcd_url,
+        ctx.fresh_prefix("procs"),
+        ctx.endpoint or "",
+        ctx.fresh_prefix("praw"),
+        watched if watchers.available else None,
     )
     ctx.on_close(pool.close)
-    pool.round("txindex", 0.2)  # warm-up
-    pool.round("raw", 0.2)
-    m = _summary(_alternate(ctx.pick(2, 4, 6), lambda side: pool.round(side, duration)))
+    for side in pool.sides:  # warm-up
+        pool.round(side, 0.2)
+    m = _summary(
+        _alternate(ctx.pick(2, 4, 6), lambda side: pool.round(side, duration), pool.sides)
+    )
     m.extra.update(procs=procs, seconds_per_round=duration)
     return m
 

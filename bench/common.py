@@ -11,7 +11,9 @@ machine hits both sides alike; reported values are medians (and p99 where it mat
 from __future__ import annotations
 
 import gc
+import shutil
 import statistics
+import subprocess
 import threading
 import time
 import uuid
@@ -233,16 +235,19 @@ def interleave(
 ) -> tuple[list[float], list[float]]:
     """Run ``rounds`` repetitions of each side, alternating which goes first; returns all
     per-op samples of each side."""
-    cand: list[float] = []
-    base: list[float] = []
+    out = interleave_sides(rounds, {"candidate": candidate, "baseline": baseline})
+    return out["candidate"], out["baseline"]
+
+
+def interleave_sides(rounds: int, sides: dict[str, Sampler]) -> dict[str, list[float]]:
+    """Like :func:`interleave` for any number of sides: each round runs every side once, in
+    the given order on even rounds and reversed on odd ones."""
+    out: dict[str, list[float]] = {name: [] for name in sides}
+    order = list(sides)
     for r in range(rounds):
-        if r % 2 == 0:
-            cand += candidate()
-            base += baseline()
-        else:
-            base += baseline()
-            cand += candidate()
-    return cand, base
+        for name in order if r % 2 == 0 else order[::-1]:
+            out[name] += sides[name]()
+    return out
 
 
 def batch(fn: Callable[[int], None], n: int) -> list[float]:
@@ -325,3 +330,55 @@ class TxnRecorder:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+class Watchers:
+    """``n`` ``etcdctl watch --prefix`` processes on one prefix: native watchers in other
+    processes, the cheapest a watch gets. Raw Txns into a prefix they watch measure what etcd
+    itself (sending the events) and the machine (receiving them) charge a commit that anyone
+    watches: the floor for any watch-fed cache, txindex included.
+
+    ``available`` is False (and nothing runs) when no ``etcdctl`` is found next to the etcd
+    binary or on ``$PATH``."""
+
+    def __init__(self, endpoint: str, prefix: str, n: int, tmp: Path) -> None:
+        from txindex.server import find_etcd_binary
+
+        sibling = Path(find_etcd_binary()).with_name("etcdctl")
+        etcdctl = str(sibling) if sibling.is_file() else shutil.which("etcdctl")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.available = etcdctl is not None
+        if etcdctl is None:
+            return
+        outs = [tmp / f"watch-{uuid.uuid4().hex[:8]}.out" for _ in range(n)]
+        for out in outs:
+            with open(out, "wb") as f:  # a file, not a pipe: nothing in this process reads it
+                self.procs.append(
+                    subprocess.Popen(
+                        [etcdctl, "--endpoints", endpoint, "watch", "--prefix", prefix],
+                        stdout=f,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+        self._wait_ready(endpoint, prefix, outs)
+
+    def _wait_ready(self, endpoint: str, prefix: str, outs: list[Path]) -> None:
+        """Write a marker key until every watcher has printed an event."""
+        from txindex.backend import Put, open_backend
+
+        backend = open_backend(f"etcd://{endpoint}")
+        try:
+            deadline = time.monotonic() + 30
+            while not all(o.stat().st_size > 0 for o in outs):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("etcdctl watchers did not start within 30 s")
+                backend.txn([], [Put((prefix + "watchers-ready").encode(), b"1")])
+                time.sleep(0.1)
+        finally:
+            backend.close()
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait()

@@ -128,12 +128,21 @@ def run_threads(writers: list[Any], duration: float) -> tuple[float, list[float]
 
 
 def _child(
-    url: str, prefix: str, raw_endpoint: str, raw_prefix: str, wid: int, conn: Any, barrier: Any
+    url: str,
+    prefix: str,
+    raw_endpoint: str,
+    raw_prefix: str,
+    watched_prefix: str | None,
+    wid: int,
+    conn: Any,
+    barrier: Any,
 ) -> None:
     try:
         db = txindex.open(url, models=[Host], prefix=prefix)
         client = etcd3_client(raw_endpoint)
         sides = {"txindex": TxindexWriter(db, wid), "raw": RawWriter(client, raw_prefix, wid)}
+        if watched_prefix is not None:
+            sides["raw_watched"] = RawWriter(client, watched_prefix, wid)
         conn.send(("ready", None))
     except BaseException as e:
         conn.send(("error", repr(e)))
@@ -156,9 +165,22 @@ def _child(
 
 
 class ProcPool:
-    """``n`` writer processes; :meth:`round` runs one side in all of them at once."""
+    """``n`` writer processes; :meth:`round` runs one side (one of :attr:`sides`) in all of
+    them at once. ``watched_prefix`` adds the side ``raw_watched``: raw Txns under a prefix
+    the caller has watchers on."""
 
-    def __init__(self, n: int, url: str, prefix: str, raw_endpoint: str, raw_prefix: str) -> None:
+    def __init__(
+        self,
+        n: int,
+        url: str,
+        prefix: str,
+        raw_endpoint: str,
+        raw_prefix: str,
+        watched_prefix: str | None = None,
+    ) -> None:
+        self.sides: tuple[str, ...] = ("txindex", "raw")
+        if watched_prefix is not None:
+            self.sides += ("raw_watched",)
         ctx = mp.get_context("spawn")
         self.barrier = ctx.Barrier(n + 1)
         self.conns = []
@@ -167,7 +189,16 @@ class ProcPool:
             parent, child = ctx.Pipe()
             p = ctx.Process(
                 target=_child,
-                args=(url, prefix, raw_endpoint, raw_prefix, 100 + wid, child, self.barrier),
+                args=(
+                    url,
+                    prefix,
+                    raw_endpoint,
+                    raw_prefix,
+                    watched_prefix,
+                    100 + wid,
+                    child,
+                    self.barrier,
+                ),
                 daemon=True,
             )
             p.start()
