@@ -92,8 +92,9 @@ def _commit(tx: Transaction) -> int:
         point_keys, fences = _seeded_compares(point_keys, fences)
     for _ in range(db.max_rounds):
         applied = store.revision
-        _validate(tx, store.changes(validated, applied))
-        validated = applied
+        if applied != validated:
+            _validate(tx, store.changes(validated, applied))
+            validated = applied
         compares = [Compare((db.prefix + k).encode(), "mod", "=", tx.reads[k]) for k in point_keys]
         compares.extend(Compare(f, "mod", "<", validated + 1) for f in fences)
         watcher = db._watcher
@@ -129,29 +130,43 @@ def _apply_locally(tx: Transaction, revision: int) -> bool:
 
 
 def _ops(tx: Transaction) -> list[Op]:
-    """The writes, then the fences they owe (see :mod:`txindex.fences`)."""
+    """The writes, then the fences they owe (see :mod:`txindex.fences`). O(w * i) for w
+    writes of i indexes."""
     prefix = tx._db.prefix
     ops: list[Op] = []
     buckets: dict[ModelInfo, set[bytes]] = {}
+    puts = False
     for key, w in tx.writes.items():
         full = (prefix + key).encode()
-        ops.append(Delete(full) if w.data is None else Put(full, w.data))
-        owed = buckets.setdefault(w.info, set())
+        if w.data is None:
+            ops.append(Delete(full))
+        else:
+            ops.append(Put(full, w.data))
+            puts = True
+        owed = buckets.get(w.info)
+        if owed is None:
+            owed = buckets[w.info] = set()
+        new_keys = w.keys
         for idx, old in w.old_keys.items():
-            for k in set(old).symmetric_difference(w.keys[idx]):  # entered or left
-                owed.add(bucket_fence(prefix, idx, k))
-    if not any(isinstance(op, Put) for op in ops):
+            new = new_keys[idx]
+            if old != new:  # (the common update moves no index key)
+                for k in set(old).symmetric_difference(new):  # entered or left
+                    owed.add(bucket_fence(prefix, idx, k))
+    if not puts:
         # Deletes of absent keys make no event in the prefix and the fences live outside it:
         # the sync key gives the watch an event at the commit revision (read-your-writes).
         ops.append(Put(sync_key(prefix), b""))
     budget = tx._db.max_txn_ops - len(ops) - len(buckets)  # the model fences are reserved
-    models = sorted(buckets, key=lambda i: len(buckets[i]))
+    models = sorted(buckets, key=lambda i: len(buckets[i])) if len(buckets) > 1 else buckets
     for n, info in enumerate(models):
         ops.append(Put(model_fence(prefix, info), b""))
         later = len(models) - n - 1  # each later model may still need its coarse fence
-        if len(buckets[info]) <= budget - later:
-            budget -= len(buckets[info])
-            ops.extend(Put(f, b"") for f in sorted(buckets[info]))
+        owed = buckets[info]
+        if not owed:
+            continue
+        if len(owed) <= budget - later:
+            budget -= len(owed)
+            ops.extend(Put(f, b"") for f in sorted(owed))
         else:
             budget -= 1
             ops.append(Put(coarse_fence(prefix, info), b""))

@@ -262,7 +262,8 @@ class Transaction:
     def put(self, obj: Any) -> None:
         """Insert or replace ``obj`` (keyed by its primary key). Checks unique indexes against
         this snapshot and the transaction's own writes; raises ``UniqueViolation``,
-        ``UnorderableValue`` or ``ModelError`` and then leaves the transaction unchanged."""
+        ``UnorderableValue`` or ``ModelError`` and then leaves the transaction unchanged.
+        O(i log n) for i index keys."""
         self._check_writable()
         info = info_of(obj)
         if type(obj) is not info.cls:
@@ -271,57 +272,70 @@ class Transaction:
         key = info.prefix + info.key_suffix(pk)
         data = info.encode(obj)
         new_keys = {idx: idx.entries(obj) for idx in info.indexes}
-        held: dict[Index[Any], tuple[Any, ...]] | None = None
+        prior, snap, held = self._before(info, key)
+        # no other write of this transaction can hold a key
+        alone = not self.writes or (len(self.writes) == 1 and prior is not None)
         for idx, keys in new_keys.items():
-            if idx.unique and keys:
-                if held is None:
-                    held = self._held_keys(info, key)
+            if idx.unique:
                 for k in keys:
-                    # a key the object already held in the snapshot needs no predicate: any
-                    # concurrent change to who holds it changes this object (its compare)
-                    self._check_unique(idx, k, pk, predicate=k not in held[idx])
-        self._write(key, Write(info, pk, obj, data, new_keys))
+                    if k not in held[idx]:
+                        self._check_unique(idx, k, pk, predicate=True)
+                    elif not alone:
+                        # a key the object already held in the snapshot (where no other
+                        # object did) needs no predicate: any concurrent change to who holds
+                        # it changes this object (its compare); only own writes can take it
+                        self._check_unique(idx, k, pk, predicate=False)
+        self._write(key, Write(info, pk, obj, data, new_keys), prior, snap, held)
 
     def delete(self, cls: type[Any], pk: Any) -> None:
         """Delete the object with primary key ``pk`` (a no-op if there is none)."""
         self._check_writable()
         info = _info(cls)
         key = info.prefix + info.key_suffix(pk)
-        self._write(key, Write(info, pk, None, None, {idx: () for idx in info.indexes}))
+        write = Write(info, pk, None, None, {idx: () for idx in info.indexes})
+        self._write(key, write, *self._before(info, key))
 
-    def _write(self, key: str, write: Write) -> None:
-        limit = self._db.max_txn_ops
-        old = self.writes.get(key)
+    def _before(
+        self, info: ModelInfo, key: str
+    ) -> tuple[Write | None, Entry | None, dict[Index[Any], tuple[Any, ...]]]:
+        """This transaction's earlier write of ``key`` (or None), else the key's snapshot
+        entry, and the index keys the object had in the snapshot. O(i) for i index keys."""
+        prior = self.writes.get(key)
+        if prior is not None:
+            return prior, None, prior.old_keys
+        snap = self._store.get(key, self._pin())
+        return None, snap, {idx: index_keys(idx, snap) for idx in info.indexes}
+
+    def _write(
+        self,
+        key: str,
+        write: Write,
+        old: Write | None,
+        snap: Entry | None,
+        old_keys: dict[Index[Any], tuple[Any, ...]],
+    ) -> None:
+        """Record ``write`` over ``old`` (this transaction's earlier write of the key) or the
+        snapshot's ``snap``; ``old_keys`` are the object's index keys in the snapshot."""
         if old is None:
-            extra = 2 * len(self._fenced | {write.info}) + 1
+            limit = self._db.max_txn_ops
+            extra = 2 * (len(self._fenced) + (write.info not in self._fenced)) + 1
             if len(self.writes) + 1 + extra > limit:
                 raise TxTooLarge(
                     f"one etcd Txn takes {limit} operations (--max-txn-ops): at most "
                     f"{limit - extra} writes here, plus two fence keys per model written and "
                     "one bookkeeping key"
                 )
-        snap = None if old is not None else self._store.get(key, self._pin())
+        write.old_keys = old_keys
+        moves = self._moves
         for idx, keys in write.keys.items():
-            if old is not None:
-                write.old_keys[idx] = old.old_keys[idx]
-                prev = old.keys[idx]
-            else:
-                write.old_keys[idx] = prev = index_keys(idx, snap)
-            self._moves.append((idx, write.pk, prev, keys, write.entry))
+            prev = old_keys[idx] if old is None else old.keys[idx]
+            moves.append((idx, write.pk, prev, keys, write.entry))
         if old is None:
             self._fenced.add(write.info)
             # A write is also a read of the key's version: its fences name the index keys the
             # object had in this snapshot, which must still be the ones it has at commit.
             self.reads.setdefault(key, 0 if snap is None else snap.mod_revision)
         self.writes[key] = write
-
-    def _held_keys(self, info: ModelInfo, key: str) -> dict[Index[Any], tuple[Any, ...]]:
-        """The unique-index keys the object under ``key`` had in this snapshot."""
-        prior = self.writes.get(key)
-        if prior is not None:
-            return prior.old_keys
-        snap = self._store.get(key, self._pin())
-        return {idx: index_keys(idx, snap) for idx in info.indexes if idx.unique}
 
     def _check_unique(self, index: Index[Any], key: Any, pk: Any, *, predicate: bool) -> None:
         items = self._query(index, (key,), (key, TOP), False, 2, predicate=predicate)
