@@ -105,7 +105,8 @@ def test_unorderable_value_is_refused_at_put(make_db: Callable[..., DB]) -> None
 
 def test_unique_index_tolerates_clashes_written_by_other_tools(make_db: Callable[..., DB]) -> None:
     """etcd does not enforce uniqueness: values written around txindex may clash. The index
-    shows every holder (ordered by primary key) and recovers when the clash goes away."""
+    shows every holder (ordered by primary key), refuses a new holder, lets a holder keep the
+    value, and recovers when the clash goes away."""
     from txindex.backend.base import Delete, Put
     from txindex.model import info_of
 
@@ -124,6 +125,8 @@ def test_unique_index_tolerates_clashes_written_by_other_tools(make_db: Callable
         assert tx.first(Node.by_ip, "10.9.9.9") == Node("a", "u", "10.9.9.9")
     with db.tx() as tx, pytest.raises(txindex.UniqueViolation):
         tx.put(Node("d", "u", "10.9.9.9"))
+    with db.tx() as tx:  # a holder's update that keeps the value adds no clash: allowed
+        tx.put(Node("b", "v", "10.9.9.9"))
     for pk in ("a", "c"):
         rev = raw.txn([], [Delete(f"{prefix}nodes/{pk}".encode())]).revision
     assert db.wait_for(rev, 10)

@@ -176,6 +176,10 @@ def test_unique_violation_names_index_value_holder(make_db: MakeDB) -> None:
             "Node.by_ip", "10.0.0.1", "n1")
         tx.put(Node("n1", "alice", "10.0.0.9"))  # free the address first ...
         tx.put(Node("n2", "bob", "10.0.0.1"))  # ... then it can be taken
+        # n1 held the address in the snapshot, but this transaction gave it to n2
+        with pytest.raises(txindex.UniqueViolation) as err:
+            tx.put(Node("n1", "alice", "10.0.0.1"))
+        assert err.value.holder == "n2"
     with db.read() as tx:
         assert tx.first(Node.by_ip, "10.0.0.1") == Node("n2", "bob", "10.0.0.1")
 
