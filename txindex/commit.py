@@ -157,7 +157,7 @@ def _ops(tx: Transaction) -> list[Op]:
         # the sync key gives the watch an event at the commit revision (read-your-writes).
         ops.append(Put(sync_key(prefix), b""))
     budget = tx._db.max_txn_ops - len(ops) - len(buckets)  # the model fences are reserved
-    models = sorted(buckets, key=lambda i: len(buckets[i])) if len(buckets) > 1 else buckets
+    models = sorted(buckets, key=lambda i: len(buckets[i]))
     for n, info in enumerate(models):
         ops.append(Put(model_fence(prefix, info), b""))
         later = len(models) - n - 1  # each later model may still need its coarse fence

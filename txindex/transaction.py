@@ -36,11 +36,11 @@ class Write:
 
     def __init__(
         self, info: ModelInfo, pk: Any, obj: Any, data: bytes | None,
-        keys: dict[Index[Any], tuple[Any, ...]],
+        keys: dict[Index[Any], tuple[Any, ...]], old_keys: dict[Index[Any], tuple[Any, ...]],
     ) -> None:
         self.info, self.pk, self.obj, self.data, self.keys = info, pk, obj, data, keys
         self.entry = None if obj is None else Entry(pk, obj, 0, info)
-        self.old_keys: dict[Index[Any], tuple[Any, ...]] = {}
+        self.old_keys = old_keys
 
 
 class Transaction:
@@ -285,15 +285,16 @@ class Transaction:
                         # object did) needs no predicate: any concurrent change to who holds
                         # it changes this object (its compare); only own writes can take it
                         self._check_unique(idx, k, pk, predicate=False)
-        self._write(key, Write(info, pk, obj, data, new_keys), prior, snap, held)
+        self._write(key, Write(info, pk, obj, data, new_keys, held), prior, snap)
 
     def delete(self, cls: type[Any], pk: Any) -> None:
         """Delete the object with primary key ``pk`` (a no-op if there is none)."""
         self._check_writable()
         info = _info(cls)
         key = info.prefix + info.key_suffix(pk)
-        write = Write(info, pk, None, None, {idx: () for idx in info.indexes})
-        self._write(key, write, *self._before(info, key))
+        prior, snap, held = self._before(info, key)
+        write = Write(info, pk, None, None, {idx: () for idx in info.indexes}, held)
+        self._write(key, write, prior, snap)
 
     def _before(
         self, info: ModelInfo, key: str
@@ -306,16 +307,9 @@ class Transaction:
         snap = self._store.get(key, self._pin())
         return None, snap, {idx: index_keys(idx, snap) for idx in info.indexes}
 
-    def _write(
-        self,
-        key: str,
-        write: Write,
-        old: Write | None,
-        snap: Entry | None,
-        old_keys: dict[Index[Any], tuple[Any, ...]],
-    ) -> None:
+    def _write(self, key: str, write: Write, old: Write | None, snap: Entry | None) -> None:
         """Record ``write`` over ``old`` (this transaction's earlier write of the key) or the
-        snapshot's ``snap``; ``old_keys`` are the object's index keys in the snapshot."""
+        snapshot's ``snap`` (see :meth:`_before`)."""
         if old is None:
             limit = self._db.max_txn_ops
             extra = 2 * (len(self._fenced) + (write.info not in self._fenced)) + 1
@@ -325,10 +319,10 @@ class Transaction:
                     f"{limit - extra} writes here, plus two fence keys per model written and "
                     "one bookkeeping key"
                 )
-        write.old_keys = old_keys
         moves = self._moves
+        old_keys = write.old_keys if old is None else old.keys
         for idx, keys in write.keys.items():
-            prev = old_keys[idx] if old is None else old.keys[idx]
+            prev = old_keys[idx]
             moves.append((idx, write.pk, prev, keys, write.entry))
         if old is None:
             self._fenced.add(write.info)
