@@ -9,10 +9,20 @@ per-round rates, latency p50/p99 over every operation.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import txindex
-from bench.common import Context, Host, Measured, Watchers, curve, metric, p99
+from bench.common import (
+    Context,
+    Host,
+    Measured,
+    Watchers,
+    curve,
+    interleave_sides,
+    metric,
+    p99,
+)
 from bench.workers import ProcPool, RawWriter, TxindexWriter, etcd3_client, run_threads
 from txindex.server import EtcdCluster
 
@@ -20,14 +30,16 @@ from txindex.server import EtcdCluster
 def _alternate(
     rounds: int, run: Any, sides: tuple[str, ...] = ("txindex", "raw")
 ) -> dict[str, tuple[list[float], list[float]]]:
-    """``run(side) -> (rate, latencies)`` for ``rounds`` rounds per side, alternating."""
-    out: dict[str, tuple[list[float], list[float]]] = {side: ([], []) for side in sides}
-    for r in range(rounds):
-        for side in sides if r % 2 == 0 else sides[::-1]:
-            rate, lat = run(side)
-            out[side][0].append(rate)
-            out[side][1].extend(lat)
-    return out
+    """``run(side) -> (rate, latencies)`` for ``rounds`` rounds per side, alternating;
+    per side, (every round's rate, every latency)."""
+    def once(side: str) -> Callable[[], list[tuple[float, list[float]]]]:
+        return lambda: [run(side)]
+
+    runs = interleave_sides(rounds, {side: once(side) for side in sides})
+    return {
+        side: ([rate for rate, _ in rs], [x for _, lat in rs for x in lat])
+        for side, rs in runs.items()
+    }
 
 
 def _summary(res: dict[str, tuple[list[float], list[float]]]) -> Measured:

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import txindex
 from txindex import Index
@@ -239,10 +239,13 @@ def interleave(
     return out["candidate"], out["baseline"]
 
 
-def interleave_sides(rounds: int, sides: dict[str, Sampler]) -> dict[str, list[float]]:
+T = TypeVar("T")
+
+
+def interleave_sides(rounds: int, sides: dict[str, Callable[[], list[T]]]) -> dict[str, list[T]]:
     """Like :func:`interleave` for any number of sides: each round runs every side once, in
-    the given order on even rounds and reversed on odd ones."""
-    out: dict[str, list[float]] = {name: [] for name in sides}
+    the given order on even rounds and reversed on odd ones; each side's results in order."""
+    out: dict[str, list[T]] = {name: [] for name in sides}
     order = list(sides)
     for r in range(rounds):
         for name in order if r % 2 == 0 else order[::-1]:
