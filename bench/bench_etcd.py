@@ -109,8 +109,7 @@ def commit_vs_raw(ctx: Context) -> Measured:
         tx.put(r_obj)
         tx.put(w_obj)
     info = info_of(Host)
-    recorder = TxnRecorder(db._backend)
-    db._backend = recorder  # type: ignore[assignment]
+    recorder = TxnRecorder.install(db)
     client = _client(ctx)
     raw = ctx.fresh_prefix("raw")
     rkey, wkey = raw + "hosts/r", raw + "hosts/w"

@@ -94,13 +94,18 @@ def throughput_8threads_vs_raw(ctx: Context) -> Measured:
         sides["raw_watched"] = [RawWriter(client, watched, t) for t in range(threads)]
     for ws in sides.values():  # warm-up: channels, code paths
         run_threads(ws, 0.2)
-    local0 = db.stats()["local_applies"]
+    s0 = db.stats()
     res = _alternate(
         ctx.pick(2, 4, 6), lambda side: run_threads(sides[side], duration), tuple(sides)
     )
     m = _summary(res)
-    # share of commits the committing threads applied themselves (else the watch did)
-    m.extra["local_apply_share"] = (db.stats()["local_applies"] - local0) / m.extra["commits"]
+    s1 = db.stats()
+    # Txns sent (group commit: one Txn carries all the commits of a group)
+    txns = m.extra["commits"] - (s1["grouped_commits"] - s0["grouped_commits"]) + (
+        s1["group_txns"] - s0["group_txns"])
+    m.extra["commits_per_txn"] = m.extra["commits"] / txns
+    # share of Txns whose commits were applied by the committing thread (else by the watch)
+    m.extra["local_apply_share"] = (s1["local_applies"] - s0["local_applies"]) / txns
     with db.read() as tx:  # every writer's last commit is visible
         for w in sides["txindex"]:
             assert tx.get(Host, w.w.id).last_seen == float(w.i), w.w.id

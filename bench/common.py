@@ -303,17 +303,27 @@ def preload(url: str, prefix: str, objs: list[Any], batch_size: int = 128) -> No
 
 
 class TxnRecorder:
-    """Delegates to a backend; counts Txn outcomes (a failed Txn = one re-validation round of
-    the commit protocol), the time spent in ``txn`` and the shape of the last Txn. Installed
-    as ``db._backend`` (the commit path's handle); the watcher keeps the original."""
+    """Delegates to a DB's backend; counts Txn outcomes (a failed Txn = one re-validation
+    round of the commit protocol), the objects written by successful Txns (keys under the
+    DB's prefix: a group commit carries several), the time spent in ``txn`` and the shape of
+    the last Txn. :meth:`install` puts it on the commit path; the watcher keeps the original."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, prefix: str = "") -> None:
         self._inner = inner
+        self._prefix = prefix.encode()
         self._lock = threading.Lock()
         self.succeeded = 0
         self.failed = 0
+        self.objects = 0
         self.seconds: list[float] = []
         self.shape = ""
+
+    @classmethod
+    def install(cls, db: Any) -> TxnRecorder:
+        """A recorder on ``db``'s commit path (its group commit queue)."""
+        rec = cls(db._group._backend, db.prefix)
+        db._backend = db._group._backend = rec
+        return rec
 
     def txn(
         self, compares: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()
@@ -327,6 +337,10 @@ class TxnRecorder:
             self.shape = f"{len(compares)} cmp ({ranged} range), {len(success)} ops"
             if result.succeeded:
                 self.succeeded += 1
+                self.objects += sum(
+                    1 for op in success
+                    if op.key.startswith(self._prefix) and b"__txindex__/" not in op.key
+                )
             else:
                 self.failed += 1
         return result

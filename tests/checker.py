@@ -5,8 +5,15 @@ history per key. Every written model value names its writer: a list's last appen
 ``uid * 4 + j``, a slot carries ``tag = uid``. With that, each anomaly class is a direct
 comparison (``check``):
 
-* ``G0``            one etcd revision carries model writes of several transactions (or the
-                    writes of one transaction are spread over several revisions).
+* ``G0``            an etcd revision is not exactly the writes of the transactions committed
+                    there: a transaction's write missing or altered at its commit revision
+                    (non-atomic), a key written there by none of them, two of them writing one
+                    key, or writes of transactions of different processes (or unrecorded ones)
+                    in one revision. Several transactions of ONE process at one revision are
+                    legal: group commit merges queued commits into one etcd Txn when no member
+                    writes a key another point-reads or a fence another's query depends on, so
+                    each member read exactly the state at C - 1 and none read another's write:
+                    they serialize in any order at C. ``group-rw`` and ``G2`` check that.
 * ``G1a``           a transaction read a value written by a transaction that failed.
 * ``G1b``           a transaction read a list value that never existed in etcd (intermediate).
 * ``G1c``           a transaction read a version from its own future (written at or after its
@@ -14,7 +21,12 @@ comparison (``check``):
 * ``G-single``      a committed transaction's point read is not the state at commit - 1 (read
                     skew: someone overwrote it before the commit).
 * ``G2``            a committed transaction's index query result is not the query re-run over
-                    the truth at commit - 1 (phantom / predicate anti-dependency).
+                    the truth at commit - 1 (phantom / predicate anti-dependency), or another
+                    member of its group commit wrote, at the same revision, a key of the queried
+                    model whose value before or after matches the query (the merge rule
+                    forbids it: that write could change the result).
+* ``group-rw``      a member of a group commit point-read a key another member wrote at the
+                    same revision (the merge rule forbids it; two crossing ones are write skew).
 * ``lost-update``   a committed read-modify-write whose read was overwritten before it
                     committed, or a list version that drops values of the previous version.
 * ``lost-write``    an ``ok`` transaction whose writes are not in etcd at its commit revision.
@@ -200,16 +212,13 @@ def check(ops: Iterable[dict[str, Any]], events: Iterable[tuple[int, str, Any]])
             rep.add("history-error", f"uid {op['id']} recorded twice")
         by_id[op["id"]] = op
 
-    # 1. attribute every etcd revision to its writer
+    # 1. attribute every etcd revision to its writers (several: one process's group commit)
     applied: dict[int, list[int]] = defaultdict(list)
     for rev in sorted(hist.by_rev):
-        writes = hist.by_rev[rev]
-        writers = {writer_of(k, v) for k, v in writes.items() if v is not None}
-        writers.discard(None)
-        if len(writers) > 1:
-            rep.add("G0", f"revision {rev} mixes writes of transactions {sorted(writers)}")
+        writers = {w for k, v in hist.by_rev[rev].items() if (w := writer_of(k, v)) is not None}
+        _check_procs(rep, by_id, rev, writers)
         for uid in writers:
-            applied[uid].append(rev)  # type: ignore[index]
+            applied[uid].append(rev)
     for key in hist.revs:
         if key.startswith(LIST):
             prev: list[int] = []
@@ -224,35 +233,22 @@ def check(ops: Iterable[dict[str, Any]], events: Iterable[tuple[int, str, Any]])
                 prev = vals
 
     for uid, revs in applied.items():
-        op = by_id.get(uid)
-        if op is None:
+        writer = by_id.get(uid)
+        if writer is None:
             if uid != 0:
                 rep.add("phantom-write", f"revision {revs} written by unknown transaction {uid}")
             continue
         if len(revs) > 1:
-            rep.add("duplicate-effect", f"txn {uid} ({op['kind']}) applied at revisions {revs}")
-        if op["status"] == "fail":
+            rep.add("duplicate-effect", f"txn {uid} ({writer['kind']}) applied at revisions {revs}")
+        if writer["status"] == "fail":
             rep.add("failed-effect",
-                    f"txn {uid} failed ({op.get('error')}) but is in etcd at {revs}")
+                    f"txn {uid} failed ({writer.get('error')}) but is in etcd at {revs}")
 
-    # 2. every acknowledged write is in etcd, exactly, at its commit revision
-    for op in by_id.values():
-        writes = op.get("writes") or {}
-        if op["status"] == "ok" and writes:
-            c = op.get("commit")
-            rep.committed += 1
-            if c is None or c not in applied.get(op["id"], []):
-                rep.add("lost-write", f"txn {op['id']} ok at {c} but its writes are not in etcd "
-                                      f"there (found at {applied.get(op['id'], [])})")
-                continue
-        elif op["status"] == "unknown" and writes and op["id"] in applied:
-            op["commit"] = applied[op["id"]][0]  # possibly committed: it did, check it as such
-        else:
-            continue
-        got = {k: v for k, v in hist.by_rev[op["commit"]].items()}
-        if got != writes:
-            rep.add("G0", f"txn {op['id']} wrote {sorted(writes)} but etcd@{op['commit']} holds "
-                          f"{sorted(got)} (non-atomic or altered)")
+    # 2. every acknowledged write is in etcd, with its value, at its commit revision; each
+    # revision is exactly the writes of the transactions committed there (a legal group)
+    for rev, group in sorted(_commits(rep, hist, by_id, applied).items()):
+        _check_group_writes(rep, hist, rev, group)
+        _check_group_reads(rep, hist, rev, group)
 
     # 3. reads: at the snapshot, and (committed writers) at commit - 1
     for op in by_id.values():
@@ -270,7 +266,7 @@ def check(ops: Iterable[dict[str, Any]], events: Iterable[tuple[int, str, Any]])
         if op["status"] != "ok" or op.get("commit") is None:
             continue
         for key, v in (op.get("writes") or {}).items():
-            if key.startswith(LIST):
+            if key.startswith(LIST) and v is not None:
                 final = hist.at(key, 1 << 62) or {}
                 if v["vals"][-1] not in (final.get("vals") or []):
                     rep.add("lost-write", f"append {v['vals'][-1]} of txn {op['id']} to {key} "
@@ -278,6 +274,98 @@ def check(ops: Iterable[dict[str, Any]], events: Iterable[tuple[int, str, Any]])
 
     _check_realtime(rep, by_id.values())
     return rep
+
+
+_ABSENT = object()
+
+
+def _commits(
+    rep: Report, hist: History, by_id: dict[int, dict[str, Any]], applied: dict[int, list[int]]
+) -> dict[int, list[dict[str, Any]]]:
+    """The writing transactions committed at each revision (``ok`` ones found there, ``unknown``
+    ones found applied), each checked by :func:`_check_writes`; ``ok`` ones absent: lost."""
+    members: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for op in by_id.values():
+        writes = op.get("writes") or {}
+        if op["status"] == "ok" and writes:
+            c = op.get("commit")
+            rep.committed += 1
+            if c is None or c not in applied.get(op["id"], []):
+                rep.add("lost-write", f"txn {op['id']} ok at {c} but its writes are not in etcd "
+                                      f"there (found at {applied.get(op['id'], [])})")
+                continue
+        elif op["status"] == "unknown" and writes and op["id"] in applied:
+            op["commit"] = applied[op["id"]][0]  # possibly committed: it did, check it as such
+        else:
+            continue
+        members[op["commit"]].append(op)
+        _check_writes(rep, hist, op)
+    return members
+
+
+def _check_procs(
+    rep: Report, by_id: dict[int, dict[str, Any]], rev: int, writers: set[int]
+) -> None:
+    """Several writers at one revision must be recorded transactions of one process."""
+    if len(writers) < 2:
+        return
+    procs = {by_id[u]["proc"] if u in by_id else ("unrecorded", u) for u in writers}
+    if len(procs) > 1:
+        rep.add("G0", f"revision {rev} mixes writes of transactions {sorted(writers)} of "
+                      f"several processes {sorted(map(str, procs))}")
+
+
+def _check_writes(rep: Report, hist: History, op: dict[str, Any]) -> None:
+    """Each write of ``op`` is in etcd at its commit revision with its value (None: deleted)."""
+    at = hist.by_rev[op["commit"]]
+    bad = sorted(k for k, v in op["writes"].items() if at.get(k, _ABSENT) != v)
+    if bad:
+        rep.add("G0", f"txn {op['id']} wrote {sorted(op['writes'])} but etcd@{op['commit']} "
+                      f"lacks or alters {bad} (non-atomic or altered)")
+
+
+def _check_group_writes(
+    rep: Report, hist: History, rev: int, group: list[dict[str, Any]]
+) -> None:
+    """The members' write sets are disjoint and cover every key etcd changed at ``rev``
+    (deletes too): with :func:`_check_writes`, their union is exactly etcd@rev."""
+    owner: dict[str, int] = {}
+    for m in group:
+        for key in m["writes"]:
+            if key in owner:
+                rep.add("G0", f"txns {owner[key]} and {m['id']} both wrote {key} at {rev}")
+            owner.setdefault(key, m["id"])
+    extra = sorted(set(hist.by_rev[rev]) - set(owner))
+    if extra:
+        rep.add("G0", f"etcd@{rev} holds {extra} that none of the transactions committed there "
+                      f"({sorted(m['id'] for m in group)}) wrote")
+
+
+def _check_group_reads(
+    rep: Report, hist: History, rev: int, group: list[dict[str, Any]]
+) -> None:
+    """No member point-read a key, or ran a query a key could change, another member wrote."""
+    if len(group) < 2:
+        return
+    for m in group:
+        others = {k: o["id"] for o in group if o is not m for k in o["writes"]}
+        for key in m.get("reads") or {}:
+            if key in others:
+                rep.add("group-rw", f"txn {m['id']} read {key} that txn {others[key]} of its "
+                                    f"group wrote at {rev}")
+        for q in m.get("queries") or []:
+            for key in sorted(k for k in others if _may_change(hist, k, rev, q)):
+                rep.add("G2", f"txn {m['id']} query {q['model']}{q['field']}=={q['value']!r} "
+                              f"may be changed by {key} that txn {others[key]} of its group "
+                              f"wrote at {rev}")
+
+
+def _may_change(hist: History, key: str, rev: int, q: dict[str, Any]) -> bool:
+    """A write of ``key`` at ``rev`` can change query ``q``: its model, matching before or after."""
+    if not key.startswith(q["model"]):
+        return False
+    vals = (hist.at(key, rev - 1), hist.at(key, rev))
+    return any(v is not None and v.get(q["field"]) == q["value"] for v in vals)
 
 
 def _check_reads(

@@ -43,8 +43,12 @@ def op(uid: int, kind: str = "append", status: str = "ok", **kw: Any) -> dict[st
     return {**base, **kw}
 
 
+def report(ops: list[dict[str, Any]], events: list[tuple[int, str, Any]]) -> Report:
+    return check(ops, SETUP + events)
+
+
 def classes(ops: list[dict[str, Any]], events: list[tuple[int, str, Any]]) -> dict[str, int]:
-    return check(ops, SETUP + events).classes
+    return report(ops, events).classes
 
 
 def test_clean_history_has_no_anomaly() -> None:
@@ -101,6 +105,83 @@ def test_g0_mixed_revision() -> None:
            op(2, writes={"lst/1": lst(1, 8)}, reads={"lst/1": lst(1)}, commit=3)]
     got = classes(ops, [(3, "lst/0", lst(0, 4)), (3, "lst/1", lst(1, 8))])
     assert got.get("G0", 0) >= 1, got
+
+
+# group commit: several transactions of one process at one etcd revision
+
+FREE = {"model": "slot/", "field": "owner", "value": "", "pk": "id"}
+
+
+def member(uid: int, kind: str = "append", **kw: Any) -> dict[str, Any]:
+    """A txn of process 7 merged into revision 3, concurrent with the other members."""
+    return op(uid, kind, **{"proc": 7, "t0": 1.0, "t1": 9.0, "commit": 3, **kw})
+
+
+def test_legal_group_commit_has_no_anomaly() -> None:
+    """Three txns merged into revision 3: disjoint reads and writes, a delete, and a query no
+    other member's write touches."""
+    ops = [member(1, reads={"lst/0": lst(0)}, writes={"lst/0": lst(0, 4)}),
+           member(2, reads={"lst/1": lst(1)}, writes={"lst/1": lst(1, 8), "tmp/0": None}),
+           member(3, "claim", queries=[{**FREE, "result": [slot(0), slot(1)]}],
+                  writes={"slot/0": slot(0, "c3", 3)})]
+    events = [(2, "tmp/0", {"x": 1}), (3, "lst/0", lst(0, 4)), (3, "lst/1", lst(1, 8)),
+              (3, "tmp/0", None), (3, "slot/0", slot(0, "c3", 3))]
+    rep = report(ops, events)
+    assert rep.anomalies == [] and rep.committed == 3, rep.summary()
+
+
+def test_write_skew_inside_a_group() -> None:
+    ops = [member(1, reads={"lst/0": lst(0)}, writes={"lst/1": lst(1, 4)}),
+           member(2, reads={"lst/1": lst(1)}, writes={"lst/0": lst(0, 8)})]
+    got = classes(ops, [(3, "lst/0", lst(0, 8)), (3, "lst/1", lst(1, 4))])
+    assert got == {"group-rw": 2}, got
+
+
+def test_query_changed_by_another_member() -> None:
+    """Txn 1's free-slot query was right at revision 2, but in the same etcd Txn txn 2 took
+    free slot 1 and txn 3 freed slot 5: group commit must not merge them."""
+    ops = [member(1, "claim", queries=[{**FREE, "result": [slot(0), slot(1)]}],
+                  writes={"slot/0": slot(0, "c1", 1)}),
+           member(2, "release", reads={"slot/1": slot(1)}, writes={"slot/1": slot(1, "c2", 2)}),
+           member(3, "release", reads={"slot/5": slot(5, "x")}, writes={"slot/5": slot(5, "", 3)})]
+    got = classes(ops, [(2, "slot/5", slot(5, "x")), (3, "slot/0", slot(0, "c1", 1)),
+                        (3, "slot/1", slot(1, "c2", 2)), (3, "slot/5", slot(5, "", 3))])
+    assert got == {"G2": 2}, got
+
+
+def test_group_of_two_processes_is_g0() -> None:
+    ops = [member(1, reads={"lst/0": lst(0)}, writes={"lst/0": lst(0, 4)}),
+           member(2, proc=8, reads={"lst/1": lst(1)}, writes={"lst/1": lst(1, 8)})]
+    got = classes(ops, [(3, "lst/0", lst(0, 4)), (3, "lst/1", lst(1, 8))])
+    assert got == {"G0": 1}, got
+
+
+def test_group_revision_with_a_write_no_member_made_is_g0() -> None:
+    """An unattributable delete of tmp/0 rides along a legal group."""
+    ops = [member(1, reads={"lst/0": lst(0)}, writes={"lst/0": lst(0, 4)}),
+           member(2, reads={"lst/1": lst(1)}, writes={"lst/1": lst(1, 8)})]
+    rep = report(ops, [(2, "tmp/0", {"x": 1}), (3, "lst/0", lst(0, 4)), (3, "lst/1", lst(1, 8)),
+                       (3, "tmp/0", None)])
+    assert rep.classes == {"G0": 1} and "tmp/0" in rep.summary(), rep.summary()
+
+
+def test_two_members_writing_one_key_is_g0() -> None:
+    """Both delete tmp/0: each write matches etcd@3, only disjointness catches it."""
+    ops = [member(1, reads={"lst/0": lst(0)}, writes={"lst/0": lst(0, 4), "tmp/0": None}),
+           member(2, reads={"lst/1": lst(1)}, writes={"lst/1": lst(1, 8), "tmp/0": None})]
+    rep = report(ops, [(2, "tmp/0", {"x": 1}), (3, "lst/0", lst(0, 4)), (3, "lst/1", lst(1, 8)),
+                       (3, "tmp/0", None)])
+    assert rep.classes == {"G0": 1} and "both wrote tmp/0" in rep.summary(), rep.summary()
+
+
+def test_lost_write_of_a_group_member_is_g0() -> None:
+    """Txn 2's slot write and its delete of tmp/0 are not in etcd at the group's revision."""
+    ops = [member(1, reads={"lst/0": lst(0)}, writes={"lst/0": lst(0, 4)}),
+           member(2, reads={"slot/1": slot(1)},
+                  writes={"lst/1": lst(1, 8), "slot/1": slot(1, "c2", 2), "tmp/0": None})]
+    rep = report(ops, [(2, "tmp/0", {"x": 1}), (3, "lst/0", lst(0, 4)), (3, "lst/1", lst(1, 8))])
+    assert rep.classes == {"G0": 1}, rep.summary()
+    assert "txn 2 " in rep.summary() and "['slot/1', 'tmp/0']" in rep.summary(), rep.summary()
 
 
 def test_lost_write_failed_effect_phantom_duplicate() -> None:
@@ -217,6 +298,20 @@ def test_skip_predicate_validation_is_caught(
     contend([db, db_on(dbs, server.endpoint)], ("claim", "release"), 3.0, rec)
     rep = judge(raw, truth, rec)
     assert rep.classes.get("G2", 0) > 0, rep.classes
+
+
+def test_group_ignoring_conflicts_is_caught(
+    server: EtcdServer, raw: EtcdBackend, dbs: list[DB], seed_bug: Any
+) -> None:
+    """Two threads of one DB appending to two lists: their commits queue behind each other,
+    and merged despite touching one list they lose appends."""
+    db, truth = start(raw, dbs, server.endpoint)
+    seed_bug("group_ignores_conflicts")
+    rec = ListRecorder()
+    contend([db], ("append",), 3.0, rec)
+    rep = judge(raw, truth, rec)
+    assert db.stats()["group_txns"] > 0
+    assert rep.lost > 0 and rep.classes.get("group-rw", 0) > 0, rep.classes
 
 
 def wait(cond: Any, what: str, timeout: float = 15.0) -> None:

@@ -177,37 +177,40 @@ class _HoldFirstTxn:
         return getattr(self._inner, name)
 
 
-def test_concurrent_commits_finishing_out_of_order(make_db: MakeDB) -> None:
+def test_a_commit_waits_for_the_txn_in_flight(make_db: MakeDB) -> None:
+    """A DB has one Txn in flight at a time (txindex.group): a commit that starts while
+    another's Txn is out is sent after it answers, so own commits never finish out of order
+    and both apply locally, in order."""
     db = make_db()
     sub = db.subscribe(Node)
-    held_backend = _HoldFirstTxn(db._backend)
-    db._backend = held_backend  # type: ignore[assignment]
+    held_backend = _HoldFirstTxn(db._group._backend)
+    db._group._backend = held_backend  # type: ignore[assignment]
     a, b = Node("a", "u", "10.2.0.1"), Node("b", "u", "10.2.0.2")
     revs: dict[str, int | None] = {}
     errors: list[BaseException] = []
 
-    def commit_a() -> None:
+    def commit(name: str, obj: Node) -> None:
         try:
             tx = db.tx()
-            tx.put(a)
-            revs["a"] = tx.commit()
+            tx.put(obj)
+            revs[name] = tx.commit()
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
     with watcher_held(db):
         base = db.revision
-        t = threading.Thread(target=commit_a)
-        t.start()
-        assert held_backend.returned.wait(10)  # a is committed at base + 1, not yet applied
-        tx = db.tx()
-        tx.put(b)
-        revs["b"] = tx.commit()  # base + 2: the store is at base, so b is kept for later
-        assert revs["b"] == base + 2 and local(db) == 0 and db.revision == base
+        ta = threading.Thread(target=commit, args=("a", a))
+        ta.start()
+        assert held_backend.returned.wait(10)  # a is committed at base + 1, its reply held
+        tb = threading.Thread(target=commit, args=("b", b))
+        tb.start()
+        tb.join(0.3)
+        assert tb.is_alive() and "b" not in revs  # b waits for a's Txn
         held_backend.release.set()
-        t.join(10)
+        ta.join(10)
+        tb.join(10)
         assert not errors, errors
-        assert revs["a"] == base + 1
-        # a applies (the store was exactly at base), then b, kept, directly follows it
+        assert revs == {"a": base + 1, "b": base + 2}
         assert local(db) == 2 and db.revision == base + 2
         with db.read() as r:
             assert r.get(Node, "a") is a and r.get(Node, "b") is b

@@ -32,6 +32,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -509,6 +510,10 @@ class Run:
             "failed": sum(o["status"] == "fail" for o in ops),
             "unknown": sum(o["status"] == "unknown" for o in ops),
             "committed_writes": rep.committed,
+            # revisions carrying several transactions' writes (group commits), all checked
+            "group_revisions": sum(n > 1 for n in Counter(
+                o["commit"] for o in ops if o["status"] == "ok" and o.get("writes")
+            ).values()),
             "reads_checked": rep.checked_reads,
             "anomalies": len(rep.anomalies) - rep.lost,
             "lost": rep.lost,

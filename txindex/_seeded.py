@@ -10,6 +10,8 @@ variable ``TXINDEX_SEED_BUG`` (comma-separated names, read at import), or in-pro
   the last applied revision + 1, losing the events in between.
 * ``resync_without_index_rebuild`` — a resync replaces the data but leaves indexes stale.
 * ``blind_retry_unknown`` — ``transact`` retries after ``CommitUnknown`` (duplicate effects).
+* ``group_ignores_conflicts`` — group commit merges queued commits that touch the same keys
+  (lost updates, write skew inside one revision).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ KNOWN = frozenset({
     "watch_from_zero",
     "resync_without_index_rebuild",
     "blind_retry_unknown",
+    "group_ignores_conflicts",
 })
 
 active: set[str] = {b for b in os.environ.get("TXINDEX_SEED_BUG", "").split(",") if b}

@@ -30,11 +30,13 @@ Let R be the transaction's snapshot and V the store's applied revision when the 
    decoded copies) through :meth:`~txindex.watcher.Watcher.apply_local`, which checks C - 1
    under the store lock and runs the notification hook like the watch does. The watch later
    delivers the same revision and ignores it (at or below the applied revision). If the
-   store is further behind (a commit of another thread of this process, or a revision of
-   another writer, not yet applied), the writes are kept (a few dozen commits at most) and
-   applied when the store reaches C - 1, by the watcher or by the thread that gets it there;
-   meanwhile read-your-writes waits as before. A failed Txn, ``Conflict``, ``TxTooLarge``
-   and ``CommitUnknown`` never apply anything.
+   store is further behind (a revision of another writer not yet applied), the writes are
+   kept (a few dozen commits at most) and applied when the store reaches C - 1, by the
+   watcher or by the thread that gets it there; meanwhile read-your-writes waits as before.
+   A failed Txn, ``Conflict``, ``TxTooLarge`` and ``CommitUnknown`` never apply anything.
+5. **Group commit** (:mod:`txindex.group`): a DB has one Txn in flight at a time; commits
+   queued behind it that touch disjoint things share the next Txn (one revision, one local
+   apply of all their writes). A failed group's members re-validate and go alone.
 
 Writes by other tools (``etcdctl``) do not write fences: they are applied to the cache like any
 write and conflict with exact point reads, but they are not serialized against predicate reads
@@ -49,6 +51,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from . import _seeded
@@ -56,6 +59,7 @@ from .backend.base import Compare, Delete, Op, Put
 from .codec import round_trips_exactly
 from .errors import CommitUnknown, Conflict, TxTooLarge
 from .fences import bucket_fence, coarse_fence, equality_key, model_fence, sync_key
+from .group import Request
 from .metrics import log_commit_unknown
 from .model import ModelInfo
 from .store import Change, Entry, index_keys
@@ -82,40 +86,42 @@ def commit(tx: Transaction) -> int:
 
 def _commit(tx: Transaction) -> int:
     db = tx._db
-    store = tx._store
     ops = _ops(tx)
-    _check_size(tx, ops)
+    size = _check_size(tx, ops)
     point_keys, fences = _plan_compares(tx)
-    failure = [Put(sync_key(db.prefix), b"")]
     validated = tx.revision
     if _seeded.active:
         point_keys, fences = _seeded_compares(point_keys, fences)
+    alone = False
     for _ in range(db.max_rounds):
-        applied = store.revision
-        if applied != validated:
-            _validate(tx, store.changes(validated, applied))
-            validated = applied
+        validated = _revalidate(tx, validated)
         compares = [Compare((db.prefix + k).encode(), "mod", "=", tx.reads[k]) for k in point_keys]
         compares.extend(Compare(f, "mod", "<", validated + 1) for f in fences)
-        watcher = db._watcher
-        watcher.commit_begins()  # the watch may read lazily: this commit applies itself
-        try:
-            result = db._backend.txn(compares, ops, failure)
-            if result.succeeded:
-                try:
-                    _apply_locally(tx, result.revision)
-                except Exception:  # committed: never fail the commit; the watch delivers it
-                    log.exception("txindex: local apply of revision %d failed", result.revision)
-                return result.revision
-        finally:
-            watcher.commit_ends()
+        req = Request(
+            compares, ops, size, partial(_updates, tx), partial(_revalidate, tx, validated), alone
+        )
+        result = db._group.send(req)
+        if result.succeeded:
+            return result.revision
+        alone = alone or req.shared  # a failed group: which member failed is unknown
         db._catch_up(result.revision)
     raise Conflict(f"gave up after {db.max_rounds} re-validation rounds under write load")
 
 
-def _apply_locally(tx: Transaction, revision: int) -> bool:
-    """Apply the committed writes to this process's store at ``revision`` if it has applied
-    exactly ``revision - 1`` (see the module doc); False if the watch must deliver them."""
+def _revalidate(tx: Transaction, since: int) -> int:
+    """Step 1 over what the store applied after ``since``; the revision validated up to.
+    Also a queued commit's check before its group is sent (:mod:`txindex.group`). O(c) for
+    c changes."""
+    store = tx._store
+    applied = store.revision
+    if applied != since:
+        _validate(tx, store.changes(since, applied))
+    return applied
+
+
+def _updates(tx: Transaction, revision: int) -> list[tuple[str, Entry | None]]:
+    """The committed writes as store updates at ``revision``, for the local apply (module
+    doc, step 4). O(w) for w writes."""
     tx._unpin()  # the snapshot is no longer read: the store need keep no history for it
     updates: list[tuple[str, Entry | None]] = []
     for key, w in tx.writes.items():
@@ -126,7 +132,7 @@ def _apply_locally(tx: Transaction, revision: int) -> bool:
         # watch would then cache another value: a list in an ``Any`` field comes back a tuple)
         obj = w.obj if round_trips_exactly(w.info.cls) else w.info.decode(w.data, key)  # type: ignore[arg-type]
         updates.append((key, Entry(w.pk, obj, revision, w.info)))
-    return tx._db._watcher.apply_local(revision, updates)
+    return updates
 
 
 def _ops(tx: Transaction) -> list[Op]:
@@ -173,7 +179,8 @@ def _ops(tx: Transaction) -> list[Op]:
     return ops
 
 
-def _check_size(tx: Transaction, ops: list[Op]) -> None:
+def _check_size(tx: Transaction, ops: list[Op]) -> int:
+    """The request bytes of ``ops``; raises ``TxTooLarge`` past the server's limits."""
     db = tx._db
     if len(ops) > db.max_txn_ops:
         raise TxTooLarge(
@@ -187,6 +194,7 @@ def _check_size(tx: Transaction, ops: list[Op]) -> None:
             f"transaction is {size} bytes; one etcd request takes {db.max_request_bytes} "
             "(--max-request-bytes)"
         )
+    return size
 
 
 def _plan_compares(tx: Transaction) -> tuple[list[str], list[bytes]]:

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _seeded
 from .backend import open_backend
-from .backend.base import Backend
+from .backend.base import Backend, Put
 from .errors import Closed, CommitUnknown, Conflict, ModelError, Unavailable
+from .fences import sync_key
+from .group import GroupCommit
 from .index import Index
 from .metrics import Metrics, Observer, safe_url
 from .model import ModelInfo, check_prefixes, info_of
@@ -74,6 +76,9 @@ class DB:
         self._watcher = Watcher(
             backend, self._store, prefix, page_size=page_size, progress_interval=progress_interval,
             observer=self._observer, on_load_progress=on_load_progress,
+        )
+        self._group = GroupCommit(
+            backend, self._watcher, [Put(sync_key(prefix), b"")], max_txn_ops, max_request_bytes
         )
         self._visible_cell = _visibility(visibility_key, prefix)
         self._visibility_key = visibility_key
@@ -166,7 +171,8 @@ class DB:
         return self._store.wait_for(revision, self.timeout if timeout is None else timeout)
 
     def stats(self) -> dict[str, Any]:
-        """Keys, revision, index sizes and watcher counters."""
+        """Keys, revision, index sizes, watcher counters, and the group commit counters:
+        Txns that carried several commits (``group_txns``) and the commits they carried."""
         s = self._watcher.stats
         return {
             "revision": self._store.revision,
@@ -180,6 +186,8 @@ class DB:
             "resyncs": s.resyncs,
             "events": s.events,
             "local_applies": s.local_applies,
+            "group_txns": self._group.groups,
+            "grouped_commits": self._group.grouped,
             "watcher_alive": self._watcher.alive,
         }
 

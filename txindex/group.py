@@ -1,0 +1,225 @@
+"""Group commit: concurrent commits of one DB share one etcd Txn.
+
+While a Txn of the DB is in flight, other threads' commits queue. When it answers, the first
+queued thread leads the next Txn: itself and every queued commit that fits (the compare and
+operation budget, the request size) and that no other member touches, merged into one Txn.
+A lone committer (nothing in flight) sends at once, so a single-threaded process sees no
+change; with many threads, the etcd round trips, the Raft entries and the watch events per
+commit fall with the size of the groups.
+
+Why a group is as good as its members one by one: members touch disjoint things. No member
+writes (puts, deletes, or writes a fence of) a key another member compares, so every
+member's compares decide the same whether or not the others' writes happen, and the members
+serialize in any order at the group's one revision C. Shared fence writes (two members
+moving keys of one model) merge into one put: a fence only says "changed at C".
+
+Before sending, the leader runs each member's local validation over what the store applied
+since the member built its compares (it may have queued behind a Txn that wrote what it
+read): a member that fails it gets its ``Conflict`` without a Txn, and the others go on.
+The group's writes are every change of the prefix at C, so the leader applies them locally as
+one batch (one member's writes alone at C would let the watch skip the others'). If the Txn
+fails, the leader cannot tell which member's compare failed: every member gets the failure
+revision, re-validates, and re-sends alone. If its outcome is unknown, every member gets the
+same ``CommitUnknown``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from . import _seeded
+from .backend.base import Compare, Op, Put, TxnResult
+from .errors import CommitUnknown
+
+if TYPE_CHECKING:
+    from .backend.base import Backend
+    from .store import Entry
+    from .watcher import Watcher
+
+log = logging.getLogger("txindex")
+
+#: A member's writes as store updates at a commit revision (for the local apply).
+Updates = Callable[[int], "list[tuple[str, Entry | None]]"]
+
+
+class Request:
+    """One transaction's Txn, queued for a group."""
+
+    __slots__ = (
+        "alone", "check", "compares", "error", "lead", "ops", "result", "shared", "size",
+        "updates", "wake",
+    )
+
+    def __init__(
+        self, compares: list[Compare], ops: list[Op], size: int, updates: Updates,
+        check: Callable[[], object], alone: bool = False,
+    ) -> None:
+        self.compares, self.ops, self.size, self.updates = compares, ops, size, updates
+        self.check = check  # raises Conflict if the store already shows a change it read
+        self.alone = alone  # never grouped (a retry after its group failed)
+        self.result: TxnResult | None = None
+        self.error: BaseException | None = None
+        self.lead = False
+        self.shared = False  # sent in a Txn with other commits
+        self.wake: threading.Event | None = None
+
+    def compared(self) -> set[bytes]:
+        return {c.key for c in self.compares}
+
+    def written(self) -> set[bytes]:
+        return {op.key for op in self.ops}
+
+    def fences(self) -> set[bytes]:
+        """The keys it writes as markers (fences, the sync key): empty puts, which members
+        may share."""
+        return {op.key for op in self.ops if isinstance(op, Put) and not op.value}
+
+
+class GroupCommit:
+    """The commit queue of one DB: at most one Txn in flight, queued commits grouped."""
+
+    def __init__(
+        self, backend: Backend, watcher: Watcher, failure: Sequence[Op],
+        max_ops: int, max_bytes: int,
+    ) -> None:
+        self._backend, self._watcher, self._failure = backend, watcher, list(failure)
+        self._max_ops, self._max_bytes = max_ops, max_bytes
+        self._lock = threading.Lock()
+        self._queue: list[Request] = []
+        self._sending = False
+        self.groups = 0  # Txns sent for more than one commit (stats)
+        self.grouped = 0  # commits sent in those
+
+    def send(self, req: Request) -> TxnResult:
+        """Send ``req`` alone or in a group; its Txn's result (the group's revision on
+        success, after the group was applied locally when it could be). Raises what the
+        backend raised for the group, or ``Conflict`` if the store shows, before sending,
+        that something ``req`` read changed. The DB's Txns go one at a time, in the order
+        their leaders queued: a commit waits for the Txn in flight (if any) and for nothing
+        else."""
+        with self._lock:
+            if self._sending:
+                req.wake = threading.Event()
+                self._queue.append(req)
+            else:
+                self._sending = True
+                req.lead = True
+        if not req.lead:
+            assert req.wake is not None
+            req.wake.wait()
+        if req.lead:
+            self._lead(req)
+        if req.error is not None:
+            raise req.error
+        assert req.result is not None
+        return req.result
+
+    def _lead(self, req: Request) -> None:
+        """Pick, check and send ``req``'s group; every member leaves with a result or an
+        error. O(q * k) to pick among q queued commits of k keys, then one Txn."""
+        group = [req]
+        try:
+            with self._lock:
+                if self._queue and not req.alone:
+                    group, self._queue = _pick(req, self._queue, self._max_ops, self._max_bytes)
+            ready = [m for m in group if _still_valid(m)]
+            if ready:
+                result = self._txn(ready)
+                for m in ready:
+                    m.result = result
+        except BaseException as exc:
+            for m in group:
+                if m.result is None and m.error is None:
+                    # a member's Txn may have been sent: its outcome is unknown
+                    m.error = exc if m is req or isinstance(exc, Exception) else CommitUnknown(
+                        f"the Txn of this commit's group was interrupted: {exc!r}")
+        finally:
+            self._hand_over(group)
+
+    def _txn(self, group: list[Request]) -> TxnResult:
+        if len(group) == 1:
+            compares, ops = group[0].compares, group[0].ops
+        else:
+            compares = [c for m in group for c in m.compares]
+            ops = list({op.key: op for m in group for op in m.ops}.values())
+            self.groups += 1
+            self.grouped += len(group)
+            for m in group:
+                m.shared = True
+        watcher = self._watcher
+        watcher.commit_begins()  # the watch may read lazily: this commit applies itself
+        try:
+            result = self._backend.txn(compares, ops, self._failure)
+            if result.succeeded:
+                try:
+                    updates = [u for m in group for u in m.updates(result.revision)]
+                    watcher.apply_local(result.revision, updates)
+                except Exception:  # committed: never fail the commit; the watch delivers it
+                    log.exception("txindex: local apply of revision %d failed", result.revision)
+            return result
+        finally:
+            watcher.commit_ends()
+
+    def _hand_over(self, group: list[Request]) -> None:
+        """Wake the group's members and the next leader (or mark the queue idle)."""
+        with self._lock:
+            if self._queue:
+                nxt = self._queue.pop(0)
+                nxt.lead = True
+                assert nxt.wake is not None
+                nxt.wake.set()
+            else:
+                self._sending = False
+        for member in group[1:]:
+            assert member.wake is not None
+            member.wake.set()
+
+
+def _still_valid(req: Request) -> bool:
+    """Run ``req``'s check against the store as it is now (it may have waited behind a Txn
+    that changed what it read): a ``Conflict`` (or any failure of the check) becomes its
+    error and it is not sent."""
+    try:
+        req.check()
+    except Exception as exc:
+        req.error = exc
+        return False
+    return True
+
+
+def _pick(
+    lead: Request, queue: list[Request], max_ops: int, max_bytes: int
+) -> tuple[list[Request], list[Request]]:
+    """The group led by ``lead``: queued requests in order that fit the budgets and touch
+    nothing another member touches; and the requests left queued. O(q * k) for q queued
+    requests of k keys."""
+    group = [lead]
+    rest: list[Request] = []
+    compared = lead.compared()
+    written = lead.written()
+    n_compares, n_ops, size = len(lead.compares), len(lead.ops), lead.size
+    for req in queue:
+        if req.alone:
+            rest.append(req)
+            continue
+        c, w = req.compared(), req.written()
+        shared = w & written
+        fits = (
+            n_compares + len(req.compares) <= max_ops
+            and n_ops + len(req.ops) - len(shared) <= max_ops
+            and size + req.size <= max_bytes
+        )
+        disjoint = not (w & compared) and not (c & written) and shared <= req.fences()
+        if fits and (disjoint or "group_ignores_conflicts" in _seeded.active):
+            group.append(req)
+            compared |= c
+            written |= w
+            n_compares += len(req.compares)
+            n_ops += len(req.ops) - len(shared)
+            size += req.size
+        else:
+            rest.append(req)
+    return group, rest
