@@ -122,8 +122,8 @@ class GroupCommit:
         error. O(q * k) to pick among q queued commits of k keys, then one Txn."""
         group = [req]
         try:
-            with self._lock:
-                if self._queue and not req.alone:
+            if self._queue and not req.alone:  # (a commit queueing now joins the next group)
+                with self._lock:
                     group, self._queue = _pick(req, self._queue, self._max_ops, self._max_bytes)
             ready = [m for m in group if _still_valid(m)]
             if ready:
