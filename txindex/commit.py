@@ -1,4 +1,5 @@
-"""The commit protocol: one etcd Txn per transaction, serializable across processes.
+"""The commit protocol: one etcd Txn per transaction (or per group of transactions that touch
+disjoint things, :mod:`txindex.group`), serializable across processes.
 
 Let R be the transaction's snapshot and V the store's applied revision when the Txn is built.
 
@@ -25,7 +26,7 @@ Let R be the transaction's snapshot and V the store's applied revision when the 
 
 4. **Local apply.** When the Txn succeeds at revision C and the store has applied exactly
    C - 1, the store's state at C is known: one Txn is one revision, the only changes in the
-   watched prefix at C are this Txn's writes (fences live outside it; the sync key is claimed
+   watched prefix at C are this Txn's writes (its group's) (fences live outside it; the sync key is claimed
    by no model), so the committing thread applies the writes itself (the objects put, not
    decoded copies) through :meth:`~txindex.watcher.Watcher.apply_local`, which checks C - 1
    under the store lock and runs the notification hook like the watch does. The watch later
@@ -72,7 +73,7 @@ log = logging.getLogger("txindex")
 
 
 def commit(tx: Transaction) -> int:
-    """Send ``tx``'s writes as one Txn; returns the commit revision."""
+    """Send ``tx``'s writes as one Txn (alone or in a group); returns the commit revision."""
     # hook: txindex.metrics times and counts commits when open() got metrics= (else None)
     observer = tx._db._observer
     if observer is not None:
