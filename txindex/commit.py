@@ -26,10 +26,11 @@ Let R be the transaction's snapshot and V the store's applied revision when the 
 
 4. **Local apply.** When the Txn succeeds at revision C and the store has applied exactly
    C - 1, the store's state at C is known: one Txn is one revision, the only changes in the
-   watched prefix at C are this Txn's writes (its group's) (fences live outside it; the sync key is claimed
-   by no model), so the committing thread applies the writes itself (the objects put, not
-   decoded copies) through :meth:`~txindex.watcher.Watcher.apply_local`, which checks C - 1
-   under the store lock and runs the notification hook like the watch does. The watch later
+   watched prefix at C are this Txn's writes, its group's (fences live outside it; the sync
+   key is claimed by no model), so the committing thread applies the writes itself (the
+   objects put, not decoded copies) through :meth:`~txindex.watcher.Watcher.apply_local`,
+   which checks C - 1 under the store lock and runs the notification hook like the watch
+   does. The watch later
    delivers the same revision and ignores it (at or below the applied revision). If the
    store is further behind (a revision of another writer not yet applied), the writes are
    kept (a few dozen commits at most) and applied when the store reaches C - 1, by the
