@@ -109,6 +109,22 @@ def _read(path: Path | None) -> bytes | None:
     return None if path is None else path.read_bytes()
 
 
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait until every thread of ``pid`` is in the stopped state (Linux ``/proc``; returns
+    at once where it is missing). O(threads) per poll."""
+    tasks = Path(f"/proc/{pid}/task")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                      for t in tasks.iterdir()]
+        except (OSError, IndexError):
+            return
+        if all(st in ("T", "t") for st in states):
+            return
+        time.sleep(0.001)
+
+
 class EtcdServer:
     """One etcd member process on loopback ports.
 
@@ -314,9 +330,12 @@ class EtcdServer:
         self._close_log()
 
     def pause(self) -> None:
-        """SIGSTOP: the server hangs (connections stay open, nothing answers)."""
+        """SIGSTOP: the server hangs (connections stay open, nothing answers). Returns once
+        every thread of the process is stopped (where ``/proc`` shows it): a signal is
+        delivered asynchronously, and a request sent just after it could still be served."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGSTOP)
+            _wait_stopped(self._proc.pid)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""
