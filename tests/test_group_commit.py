@@ -295,6 +295,31 @@ def test_groups_keep_to_the_txn_budget(make_db: MakeDB) -> None:
     converged(db)
 
 
+def test_a_group_the_server_refuses_as_too_large_goes_out_member_by_member(
+    make_db: MakeDB,
+) -> None:
+    """The DB was told the server takes 200 operations, it takes 128: two commits of 70
+    writes fit the DB's budget together, the server refuses the group, each then commits
+    alone."""
+    db = make_db(max_txn_ops=200)
+
+    def seventy(i: int) -> Callable[[Transaction], None]:
+        def work(tx: Transaction) -> None:
+            for j in range(70):
+                tx.put(User(f"b{i}-{j}"))
+        return work
+
+    with held_first_txn(db) as (gate, queued):
+        queued.commit("a", seventy(0))
+        queued.commit("b", seventy(1))
+    assert all(isinstance(r, int) for r in queued.results.values()), queued.results
+    assert queued.results["a"] != queued.results["b"]
+    assert db.stats()["group_txns"] == 1  # the refused one
+    with db.read() as r:
+        assert sum(r.get(User, f"b{i}-{j}") is not None for i in (0, 1) for j in range(70)) == 140
+    converged(db)
+
+
 @pytest.mark.parametrize("threads", [8])
 def test_many_threads_counting_through_groups(make_db: MakeDB, threads: int) -> None:
     """Threads incrementing shared and own counters through transact: exact sums (shared

@@ -30,11 +30,11 @@ Let R be the transaction's snapshot and V the store's applied revision when the 
    key is claimed by no model), so the committing thread applies the writes itself (the
    objects put, not decoded copies) through :meth:`~txindex.watcher.Watcher.apply_local`,
    which checks C - 1 under the store lock and runs the notification hook like the watch
-   does. The watch later
-   delivers the same revision and ignores it (at or below the applied revision). If the
-   store is further behind (a revision of another writer not yet applied), the writes are
-   kept (a few dozen commits at most) and applied when the store reaches C - 1, by the
-   watcher or by the thread that gets it there; meanwhile read-your-writes waits as before.
+   does. The watch later delivers the same revision and ignores it (at or below the applied
+   revision). If the store is further behind (a revision of another writer not yet
+   applied), the writes are kept (a few dozen commits at most) and applied when the store
+   reaches C - 1, by the watcher or by the thread that gets it there; meanwhile
+   read-your-writes waits as before.
    A failed Txn, ``Conflict``, ``TxTooLarge`` and ``CommitUnknown`` never apply anything.
 5. **Group commit** (:mod:`txindex.group`): a DB has one Txn in flight at a time; commits
    queued behind it that touch disjoint things share the next Txn (one revision, one local
@@ -103,9 +103,11 @@ def _commit(tx: Transaction) -> int:
             compares, ops, size, partial(_updates, tx), partial(_revalidate, tx, validated), alone
         )
         result = db._group.send(req)
+        alone = alone or req.shared  # a failed group: which member failed is unknown
+        if result is None:  # its group was too large for the server
+            continue
         if result.succeeded:
             return result.revision
-        alone = alone or req.shared  # a failed group: which member failed is unknown
         db._catch_up(result.revision)
     raise Conflict(f"gave up after {db.max_rounds} re-validation rounds under write load")
 

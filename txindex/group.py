@@ -19,8 +19,9 @@ read): a member that fails it gets its ``Conflict`` without a Txn, and the other
 The group's writes are every change of the prefix at C, so the leader applies them locally as
 one batch (one member's writes alone at C would let the watch skip the others'). If the Txn
 fails, the leader cannot tell which member's compare failed: every member gets the failure
-revision, re-validates, and re-sends alone. If its outcome is unknown, every member gets the
-same ``CommitUnknown``.
+revision, re-validates, and re-sends alone; if the server refuses the group's size (its
+``--max-txn-ops`` below the DB's ``max_txn_ops``), every member is sent again alone. If its
+outcome is unknown, every member gets the same ``CommitUnknown``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from . import _seeded
 from .backend.base import Compare, Op, Put, TxnResult
-from .errors import CommitUnknown
+from .errors import CommitUnknown, TxTooLarge
 
 if TYPE_CHECKING:
     from .backend.base import Backend
@@ -49,8 +50,8 @@ class Request:
     """One transaction's Txn, queued for a group."""
 
     __slots__ = (
-        "alone", "check", "compares", "error", "lead", "ops", "result", "shared", "size",
-        "updates", "wake",
+        "again", "alone", "check", "compares", "error", "lead", "ops", "result", "shared",
+        "size", "updates", "wake",
     )
 
     def __init__(
@@ -64,6 +65,7 @@ class Request:
         self.error: BaseException | None = None
         self.lead = False
         self.shared = False  # sent in a Txn with other commits
+        self.again = False  # its group was too large for the server: send it alone
         self.wake: threading.Event | None = None
 
     def compared(self) -> set[bytes]:
@@ -93,10 +95,11 @@ class GroupCommit:
         self.groups = 0  # Txns sent for more than one commit (stats)
         self.grouped = 0  # commits sent in those
 
-    def send(self, req: Request) -> TxnResult:
+    def send(self, req: Request) -> TxnResult | None:
         """Send ``req`` alone or in a group; its Txn's result (the group's revision on
-        success, after the group was applied locally when it could be). Raises what the
-        backend raised for the group, or ``Conflict`` if the store shows, before sending,
+        success, after the group was applied locally when it could be), or ``None`` if the
+        server refused the group's size (nothing applied: send it again alone). Raises what
+        the backend raised for the group, or ``Conflict`` if the store shows, before sending,
         that something ``req`` read changed. The DB's Txns go one at a time, in the order
         their leaders queued: a commit waits for the Txn in flight (if any) and for nothing
         else."""
@@ -114,7 +117,6 @@ class GroupCommit:
             self._lead(req)
         if req.error is not None:
             raise req.error
-        assert req.result is not None
         return req.result
 
     def _lead(self, req: Request) -> None:
@@ -127,7 +129,16 @@ class GroupCommit:
                     group, self._queue = _pick(req, self._queue, self._max_ops, self._max_bytes)
             ready = [m for m in group if _still_valid(m)]
             if ready:
-                result = self._txn(ready)
+                try:
+                    result = self._txn(ready)
+                except TxTooLarge:
+                    if len(ready) == 1:
+                        raise
+                    # the server takes less than the budget we were given: each member may
+                    # still fit alone (nothing was applied)
+                    for m in ready:
+                        m.again = True
+                    return
                 for m in ready:
                     m.result = result
         except BaseException as exc:
