@@ -274,9 +274,9 @@ def test_an_unknown_outcome_reaches_every_member(make_db: MakeDB) -> None:
 
 
 def test_groups_keep_to_the_txn_budget(make_db: MakeDB) -> None:
-    """Ten queued commits of 5 writes each (plus a model fence) under max_txn_ops=16: groups
-    of at most two, every Txn within the budget, every commit done."""
-    db = make_db(max_txn_ops=16)
+    """Ten queued commits of 5 writes each (7 operations with the fences they share) under
+    max_txn_ops=40: groups of 7 and 3, every Txn within the budget, every commit done."""
+    db = make_db(max_txn_ops=40)
 
     def five(i: int) -> Callable[[Transaction], None]:
         def work(tx: Transaction) -> None:
@@ -288,8 +288,8 @@ def test_groups_keep_to_the_txn_budget(make_db: MakeDB) -> None:
         for i in range(10):
             queued.commit(f"c{i}", five(i))
     assert all(isinstance(r, int) for r in queued.results.values()), queued.results
-    assert all(c <= 16 and o <= 16 for c, o in gate.sent), gate.sent
-    assert db.stats()["grouped_commits"] == 10
+    assert all(c <= 40 and o <= 40 for c, o in gate.sent), gate.sent
+    assert db.stats()["group_txns"] == 2 and db.stats()["grouped_commits"] == 10
     with db.read() as r:
         assert sum(r.get(User, f"u{i}-{j}") is not None for i in range(10) for j in range(5)) == 50
     converged(db)
@@ -298,10 +298,10 @@ def test_groups_keep_to_the_txn_budget(make_db: MakeDB) -> None:
 def test_a_group_the_server_refuses_as_too_large_goes_out_member_by_member(
     make_db: MakeDB,
 ) -> None:
-    """The DB was told the server takes 200 operations, it takes 128: two commits of 70
+    """The DB was told the server takes 512 operations, it takes 128: two commits of 70
     writes fit the DB's budget together, the server refuses the group, each then commits
     alone."""
-    db = make_db(max_txn_ops=200)
+    db = make_db(max_txn_ops=512)
 
     def seventy(i: int) -> Callable[[Transaction], None]:
         def work(tx: Transaction) -> None:
@@ -309,7 +309,7 @@ def test_a_group_the_server_refuses_as_too_large_goes_out_member_by_member(
                 tx.put(User(f"b{i}-{j}"))
         return work
 
-    with held_first_txn(db) as (gate, queued):
+    with held_first_txn(db) as (_gate, queued):
         queued.commit("a", seventy(0))
         queued.commit("b", seventy(1))
     assert all(isinstance(r, int) for r in queued.results.values()), queued.results
@@ -317,6 +317,27 @@ def test_a_group_the_server_refuses_as_too_large_goes_out_member_by_member(
     assert db.stats()["group_txns"] == 1  # the refused one
     with db.read() as r:
         assert sum(r.get(User, f"b{i}-{j}") is not None for i in (0, 1) for j in range(70)) == 140
+    converged(db)
+
+
+def test_a_large_commit_does_not_queue(make_db: MakeDB) -> None:
+    """More than a quarter of the budget (40 writes of 128): its own Txn at once, while the
+    small commits' Txn is still in flight."""
+    db = make_db()
+    done: dict[str, int | None] = {}
+
+    def large() -> None:
+        with db.tx() as tx:
+            for j in range(40):
+                tx.put(User(f"l{j}"))
+        done["large"] = tx.revision
+
+    with held_first_txn(db) as (gate, _queued):
+        t = threading.Thread(target=large)
+        t.start()
+        t.join(10)
+        assert "large" in done and not gate.release.is_set()
+    assert len(gate.sent) == 2 and db.stats()["group_txns"] == 0
     converged(db)
 
 

@@ -1,11 +1,14 @@
 """Group commit: concurrent commits of one DB share one etcd Txn.
 
-While a Txn of the DB is in flight, other threads' commits queue. When it answers, the first
-queued thread leads the next Txn: itself and every queued commit that fits (the compare and
-operation budget, the request size) and that no other member touches, merged into one Txn.
-A lone committer (nothing in flight) sends at once, so a single-threaded process sees no
-change; with many threads, the etcd round trips, the Raft entries and the watch events per
-commit fall with the size of the groups.
+While a Txn of small commits is in flight, other threads' small commits queue. When it
+answers, the first queued thread leads the next Txn: itself and every queued commit that fits
+(the compare and operation budget, the request size) and that no other member touches,
+merged into one Txn. A lone committer (nothing in flight) sends at once, so a
+single-threaded process sees no change; with many threads, the etcd round trips, the Raft
+entries and the watch events per commit fall with the size of the groups. A large commit
+(more than a quarter of a budget) could share its Txn with little, so it never queues: it
+goes out at once in its own Txn, side by side with others, as every commit did before
+groups.
 
 Why a group is as good as its members one by one: members touch disjoint things. No member
 writes (puts, deletes, or writes a fence of) a key another member compares, so every
@@ -81,7 +84,8 @@ class Request:
 
 
 class GroupCommit:
-    """The commit queue of one DB: at most one Txn in flight, queued commits grouped."""
+    """The commit queue of one DB: at most one Txn of small commits in flight, queued
+    commits grouped; large commits on their own."""
 
     def __init__(
         self, backend: Backend, watcher: Watcher, failure: Sequence[Op],
@@ -100,9 +104,27 @@ class GroupCommit:
         success, after the group was applied locally when it could be), or ``None`` if the
         server refused the group's size (nothing applied: send it again alone). Raises what
         the backend raised for the group, or ``Conflict`` if the store shows, before sending,
-        that something ``req`` read changed. The DB's Txns go one at a time, in the order
-        their leaders queued: a commit waits for the Txn in flight (if any) and for nothing
-        else."""
+        that something ``req`` read changed. A large commit (more than a quarter of a budget)
+        goes out at once in its own Txn; the others go one Txn at a time, in the order their
+        leaders queued: such a commit waits for the small commits' Txn in flight (if any)
+        and for nothing else."""
+        if self._large(req):
+            self._run([req])
+        else:
+            self._queued_send(req)
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    def _large(self, req: Request) -> bool:
+        """More than a quarter of one Txn's operations, compares or bytes: at most two
+        others of its size could join it, and it goes out side by side with others
+        instead (measured: 8 threads of 40-write commits lose ~6 % in groups of 3)."""
+        return 4 * max(len(req.ops), len(req.compares)) > self._max_ops or (
+            4 * req.size > self._max_bytes
+        )
+
+    def _queued_send(self, req: Request) -> None:
         with self._lock:
             if self._sending:
                 req.wake = threading.Event()
@@ -115,18 +137,23 @@ class GroupCommit:
             req.wake.wait()
         if req.lead:
             self._lead(req)
-        if req.error is not None:
-            raise req.error
-        return req.result
 
     def _lead(self, req: Request) -> None:
-        """Pick, check and send ``req``'s group; every member leaves with a result or an
-        error. O(q * k) to pick among q queued commits of k keys, then one Txn."""
+        """Pick, check and send ``req``'s group, then hand the lead over. O(q * k) to pick
+        among q queued commits of k keys, then one Txn."""
         group = [req]
         try:
             if self._queue and not req.alone:  # (a commit queueing now joins the next group)
                 with self._lock:
                     group, self._queue = _pick(req, self._queue, self._max_ops, self._max_bytes)
+            self._run(group)
+        finally:
+            self._hand_over(group)
+
+    def _run(self, group: list[Request]) -> None:
+        """Check and send ``group``; every member leaves with a result, an error or
+        ``again``."""
+        try:
             ready = [m for m in group if _still_valid(m)]
             if ready:
                 try:
@@ -145,10 +172,9 @@ class GroupCommit:
             for m in group:
                 if m.result is None and m.error is None:
                     # a member's Txn may have been sent: its outcome is unknown
-                    m.error = exc if m is req or isinstance(exc, Exception) else CommitUnknown(
-                        f"the Txn of this commit's group was interrupted: {exc!r}")
-        finally:
-            self._hand_over(group)
+                    m.error = exc if m is group[0] or isinstance(exc, Exception) else (
+                        CommitUnknown(f"the Txn of this commit's group was interrupted: {exc!r}")
+                    )
 
     def _txn(self, group: list[Request]) -> TxnResult:
         if len(group) == 1:
