@@ -53,7 +53,7 @@ class Request:
     """One transaction's Txn, queued for a group."""
 
     __slots__ = (
-        "again", "alone", "check", "compares", "error", "lead", "ops", "result", "shared",
+        "alone", "check", "compares", "error", "lead", "ops", "result", "shared",
         "size", "updates", "wake",
     )
 
@@ -68,7 +68,6 @@ class Request:
         self.error: BaseException | None = None
         self.lead = False
         self.shared = False  # sent in a Txn with other commits
-        self.again = False  # its group was too large for the server: send it alone
         self.wake: threading.Event | None = None
 
     def compared(self) -> set[bytes]:
@@ -151,8 +150,8 @@ class GroupCommit:
             self._hand_over(group)
 
     def _run(self, group: list[Request]) -> None:
-        """Check and send ``group``; every member leaves with a result, an error or
-        ``again``."""
+        """Check and send ``group``; every member leaves with a result or an error, or with
+        neither if the server refused the group's size."""
         try:
             ready = [m for m in group if _still_valid(m)]
             if ready:
@@ -162,9 +161,7 @@ class GroupCommit:
                     if len(ready) == 1:
                         raise
                     # the server takes less than the budget we were given: each member may
-                    # still fit alone (nothing was applied)
-                    for m in ready:
-                        m.again = True
+                    # still fit alone (nothing was applied); no result tells it to go again
                     return
                 for m in ready:
                     m.result = result
