@@ -114,6 +114,14 @@ def held_first_txn(db: DB) -> Iterator[tuple[Gate, Queued]]:
     assert first.get("done")
 
 
+def users(prefix: str, n: int) -> Callable[[Transaction], None]:
+    """Work that puts users ``prefix0`` .. ``prefix{n-1}``."""
+    def work(tx: Transaction) -> None:
+        for j in range(n):
+            tx.put(User(f"{prefix}{j}"))
+    return work
+
+
 def test_queued_disjoint_commits_share_one_txn(make_db: MakeDB) -> None:
     db = make_db()
     sub = db.subscribe(Node)
@@ -278,15 +286,9 @@ def test_groups_keep_to_the_txn_budget(make_db: MakeDB) -> None:
     max_txn_ops=40: groups of 7 and 3, every Txn within the budget, every commit done."""
     db = make_db(max_txn_ops=40)
 
-    def five(i: int) -> Callable[[Transaction], None]:
-        def work(tx: Transaction) -> None:
-            for j in range(5):
-                tx.put(User(f"u{i}-{j}"))
-        return work
-
     with held_first_txn(db) as (gate, queued):
         for i in range(10):
-            queued.commit(f"c{i}", five(i))
+            queued.commit(f"c{i}", users(f"u{i}-", 5))
     assert all(isinstance(r, int) for r in queued.results.values()), queued.results
     assert all(c <= 40 and o <= 40 for c, o in gate.sent), gate.sent
     assert db.stats()["group_txns"] == 2 and db.stats()["grouped_commits"] == 10
@@ -303,15 +305,9 @@ def test_a_group_the_server_refuses_as_too_large_goes_out_member_by_member(
     alone."""
     db = make_db(max_txn_ops=512)
 
-    def seventy(i: int) -> Callable[[Transaction], None]:
-        def work(tx: Transaction) -> None:
-            for j in range(70):
-                tx.put(User(f"b{i}-{j}"))
-        return work
-
     with held_first_txn(db) as (_gate, queued):
-        queued.commit("a", seventy(0))
-        queued.commit("b", seventy(1))
+        queued.commit("a", users("b0-", 70))
+        queued.commit("b", users("b1-", 70))
     assert all(isinstance(r, int) for r in queued.results.values()), queued.results
     assert queued.results["a"] != queued.results["b"]
     assert db.stats()["group_txns"] == 1  # the refused one
