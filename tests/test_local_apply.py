@@ -219,6 +219,49 @@ def test_a_commit_waits_for_the_txn_in_flight(make_db: MakeDB) -> None:
     assert changes(sub, 2) == [(base + 1, "nodes/a", None, a), (base + 2, "nodes/b", None, b)]
 
 
+def test_own_commits_finishing_out_of_order(make_db: MakeDB) -> None:
+    """A large commit (its own Txn, outside the queue) answers late; a small one sent after
+    it answers first and is kept until the large one is applied, then both apply locally,
+    in revision order."""
+    db = make_db()
+    sub = db.subscribe(User)
+    held_backend = _HoldFirstTxn(db._group._backend)
+    db._group._backend = held_backend  # type: ignore[assignment]
+    large = [User(f"l{j}") for j in range(40)]  # more than a quarter of 128 operations
+    revs: dict[str, int | None] = {}
+    errors: list[BaseException] = []
+
+    def commit_large() -> None:
+        try:
+            tx = db.tx()
+            for u in large:
+                tx.put(u)
+            revs["large"] = tx.commit()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    with watcher_held(db):
+        base = db.revision
+        t = threading.Thread(target=commit_large)
+        t.start()
+        assert held_backend.returned.wait(10)  # committed at base + 1, not yet applied
+        tx = db.tx()
+        tx.put(User("small"))
+        revs["small"] = tx.commit()  # base + 2: the store is at base, so it is kept
+        assert revs["small"] == base + 2 and local(db) == 0 and db.revision == base
+        held_backend.release.set()
+        t.join(10)
+        assert not errors, errors
+        assert revs["large"] == base + 1
+        assert local(db) == 2 and db.revision == base + 2
+        with db.read() as r:
+            assert r.get(User, "small") == User("small") and r.get(User, "l0") is large[0]
+    converged(db)
+    assert local(db) == 2
+    got = changes(sub, 41)
+    assert [c[0] for c in got] == [base + 1] * 40 + [base + 2]
+
+
 def test_failed_commits_apply_nothing(make_db: MakeDB) -> None:
     db = make_db()
     other = make_db()
