@@ -18,38 +18,9 @@ import pytest
 from txindex import DB, CommitUnknown, Conflict, Transaction
 
 from .models import Node, User
-from .test_local_apply import changes, converged, local, watcher_held
+from .test_local_apply import Gate, changes, converged, local, watcher_held
 
 MakeDB = Callable[..., DB]
-
-
-class Gate:
-    """Wraps the group's backend: the first ``txn`` answers only once ``release`` is set;
-    ``unknown`` makes the next Txn raise ``CommitUnknown`` without being sent. Records each
-    Txn's (compares, ops) counts."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.holding = threading.Event()
-        self.release = threading.Event()
-        self.unknown = False
-        self.sent: list[tuple[int, int]] = []
-        self._first = True
-
-    def txn(self, compares: Any, success: Any, failure: Any = ()) -> Any:
-        if self.unknown and not self._first:
-            self.unknown = False
-            raise CommitUnknown("injected: the Txn's outcome is unknown")
-        self.sent.append((len(compares), len(success)))
-        result = self._inner.txn(compares, success, failure)
-        if self._first:
-            self._first = False
-            self.holding.set()
-            assert self.release.wait(30)
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 class Queued:

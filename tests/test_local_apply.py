@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import txindex
-from txindex import DB, Conflict
+from txindex import DB, CommitUnknown, Conflict
 from txindex.backend import Put
 from txindex.model import info_of
 from txindex.notify import Subscription
@@ -153,24 +153,32 @@ def test_a_foreign_revision_in_between_forces_the_watch(make_db: MakeDB) -> None
     assert local(db) == before + 1 and db.revision == db._visible
 
 
-class _HoldFirstTxn:
-    """Delegates to a backend; the first ``txn`` returns only once ``release`` is set (a
-    commit whose reply reaches its thread late)."""
+class Gate:
+    """Wraps a DB's commit backend (``db._group._backend``): the first ``txn`` answers only
+    once ``release`` is set (a commit whose reply reaches its thread late; ``holding`` is set
+    meanwhile); ``unknown`` makes the next Txn raise ``CommitUnknown`` without being sent.
+    Records each Txn's (compares, ops) counts."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
-        self.returned = threading.Event()
+        self.holding = threading.Event()
         self.release = threading.Event()
+        self.unknown = False
+        self.sent: list[tuple[int, int]] = []
         self._first = True
         self._lock = threading.Lock()
 
     def txn(self, compares: Any, success: Any, failure: Any = ()) -> Any:
+        if self.unknown and not self._first:
+            self.unknown = False
+            raise CommitUnknown("injected: the Txn's outcome is unknown")
+        self.sent.append((len(compares), len(success)))
         result = self._inner.txn(compares, success, failure)
         with self._lock:
             first, self._first = self._first, False
         if first:
-            self.returned.set()
-            self.release.wait(30)
+            self.holding.set()
+            assert self.release.wait(30)
         return result
 
     def __getattr__(self, name: str) -> Any:
@@ -178,12 +186,12 @@ class _HoldFirstTxn:
 
 
 def test_a_commit_waits_for_the_txn_in_flight(make_db: MakeDB) -> None:
-    """A DB has one Txn in flight at a time (txindex.group): a commit that starts while
-    another's Txn is out is sent after it answers, so own commits never finish out of order
-    and both apply locally, in order."""
+    """A DB has one Txn of small commits in flight at a time (txindex.group): a small commit
+    that starts while another's Txn is out is sent after it answers, so the two never
+    finish out of order and both apply locally, in order."""
     db = make_db()
     sub = db.subscribe(Node)
-    held_backend = _HoldFirstTxn(db._group._backend)
+    held_backend = Gate(db._group._backend)
     db._group._backend = held_backend  # type: ignore[assignment]
     a, b = Node("a", "u", "10.2.0.1"), Node("b", "u", "10.2.0.2")
     revs: dict[str, int | None] = {}
@@ -201,7 +209,7 @@ def test_a_commit_waits_for_the_txn_in_flight(make_db: MakeDB) -> None:
         base = db.revision
         ta = threading.Thread(target=commit, args=("a", a))
         ta.start()
-        assert held_backend.returned.wait(10)  # a is committed at base + 1, its reply held
+        assert held_backend.holding.wait(10)  # a is committed at base + 1, its reply held
         tb = threading.Thread(target=commit, args=("b", b))
         tb.start()
         tb.join(0.3)
@@ -225,7 +233,7 @@ def test_own_commits_finishing_out_of_order(make_db: MakeDB) -> None:
     in revision order."""
     db = make_db()
     sub = db.subscribe(User)
-    held_backend = _HoldFirstTxn(db._group._backend)
+    held_backend = Gate(db._group._backend)
     db._group._backend = held_backend  # type: ignore[assignment]
     large = [User(f"l{j}") for j in range(40)]  # more than a quarter of 128 operations
     revs: dict[str, int | None] = {}
@@ -244,7 +252,7 @@ def test_own_commits_finishing_out_of_order(make_db: MakeDB) -> None:
         base = db.revision
         t = threading.Thread(target=commit_large)
         t.start()
-        assert held_backend.returned.wait(10)  # committed at base + 1, not yet applied
+        assert held_backend.holding.wait(10)  # committed at base + 1, not yet applied
         tx = db.tx()
         tx.put(User("small"))
         revs["small"] = tx.commit()  # base + 2: the store is at base, so it is kept
