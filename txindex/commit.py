@@ -36,9 +36,10 @@ Let R be the transaction's snapshot and V the store's applied revision when the 
    reaches C - 1, by the watcher or by the thread that gets it there; meanwhile
    read-your-writes waits as before.
    A failed Txn, ``Conflict``, ``TxTooLarge`` and ``CommitUnknown`` never apply anything.
-5. **Group commit** (:mod:`txindex.group`): a DB has one Txn in flight at a time; commits
-   queued behind it that touch disjoint things share the next Txn (one revision, one local
-   apply of all their writes). A failed group's members re-validate and go alone.
+5. **Group commit** (:mod:`txindex.group`): a DB has one Txn of small commits in flight at a
+   time; small commits queued behind it that touch disjoint things share the next Txn (one
+   revision, one local apply of all their writes), and a failed group's members re-validate
+   and go alone. A large commit goes out at once in its own Txn, beside the others.
 
 Writes by other tools (``etcdctl``) do not write fences: they are applied to the cache like any
 write and conflict with exact point reads, but they are not serialized against predicate reads
