@@ -399,3 +399,39 @@ class Watchers:
             p.terminate()
         for p in self.procs:
             p.wait()
+
+
+class InprocWatch:
+    """A do-nothing watch on ``prefix`` read by a thread of this process, over the same
+    transport the DB's watcher uses (``EtcdBackend.follow``: a single-threaded unary-stream
+    call): it only counts events. Raw Txns into a prefix it watches measure what the watch
+    txindex uses charges a commit before txindex does any work of its own: the floor for
+    txindex's design in one Python process (:class:`Watchers` is the floor for any cache)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        from txindex.backend import open_backend
+        from txindex.backend.base import prefix_end
+
+        self.events = 0
+        self._backend = open_backend(url)
+        key = prefix.encode()
+        rev = self._backend.current_revision()
+        self._stream = self._backend.follow(key, prefix_end(key), rev + 1, liveness=5.0)  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._read, name="bench-inproc-watch", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        from txindex.errors import WatchBroken
+
+        try:
+            while True:
+                resp = self._stream.get()
+                if resp is not None:
+                    self.events += len(resp.events)
+        except WatchBroken:
+            return
+
+    def close(self) -> None:
+        self._stream.close()
+        self._thread.join(timeout=10)
+        self._backend.close()

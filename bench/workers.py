@@ -22,7 +22,7 @@ from typing import Any
 import etcd3
 
 import txindex
-from bench.common import Host
+from bench.common import Host, InprocWatch
 from txindex.model import info_of
 
 HOST = info_of(Host)
@@ -133,16 +133,21 @@ def _child(
     raw_endpoint: str,
     raw_prefix: str,
     watched_prefix: str | None,
+    inproc_prefix: str | None,
     wid: int,
     conn: Any,
     barrier: Any,
 ) -> None:
+    inproc: InprocWatch | None = None
     try:
         db = txindex.open(url, models=[Host], prefix=prefix)
         client = etcd3_client(raw_endpoint)
         sides = {"txindex": TxindexWriter(db, wid), "raw": RawWriter(client, raw_prefix, wid)}
         if watched_prefix is not None:
             sides["raw_watched"] = RawWriter(client, watched_prefix, wid)
+        if inproc_prefix is not None:
+            inproc = InprocWatch(url, inproc_prefix)
+            sides["raw_inproc"] = RawWriter(client, inproc_prefix, wid)
         conn.send(("ready", None))
     except BaseException as e:
         conn.send(("error", repr(e)))
@@ -162,12 +167,15 @@ def _child(
     finally:
         db.close()
         client.close()
+        if inproc is not None:
+            inproc.close()
 
 
 class ProcPool:
     """``n`` writer processes; :meth:`round` runs one side (one of :attr:`sides`) in all of
     them at once. ``watched_prefix`` adds the side ``raw_watched``: raw Txns under a prefix
-    the caller has watchers on."""
+    the caller has watchers on; ``inproc_prefix`` adds ``raw_inproc``: raw Txns under a prefix
+    each worker watches itself (:class:`~bench.common.InprocWatch`)."""
 
     def __init__(
         self,
@@ -177,10 +185,13 @@ class ProcPool:
         raw_endpoint: str,
         raw_prefix: str,
         watched_prefix: str | None = None,
+        inproc_prefix: str | None = None,
     ) -> None:
         self.sides: tuple[str, ...] = ("txindex", "raw")
         if watched_prefix is not None:
             self.sides += ("raw_watched",)
+        if inproc_prefix is not None:
+            self.sides += ("raw_inproc",)
         ctx = mp.get_context("spawn")
         self.barrier = ctx.Barrier(n + 1)
         self.conns = []
@@ -195,6 +206,7 @@ class ProcPool:
                     raw_endpoint,
                     raw_prefix,
                     watched_prefix,
+                    inproc_prefix,
                     100 + wid,
                     child,
                     self.barrier,

@@ -85,6 +85,9 @@ def test_smoke_run_ends_with_one_json_line_per_metric() -> None:
     assert report["commit_vs_raw"]["extra"]["raw_watched_ms"] > 0
     for name in ("throughput_8threads_vs_raw", "throughput_3procs_vs_raw"):
         assert report[name]["extra"]["raw_watched_commits_s"] > 0, name
+    # and raw Txns into a prefix watched by a do-nothing watch over txindex's own transport
+    assert report["commit_vs_raw"]["extra"]["raw_inproc_ms"] > 0
+    assert report["throughput_3procs_vs_raw"]["extra"]["raw_inproc_commits_s"] > 0
 
 
 def test_only_selects_metrics_and_rejects_unknown_names() -> None:
