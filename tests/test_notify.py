@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from txindex import DB, Closed, ModelError
+from txindex import DB, Closed, ModelError, SubscriptionLagged
 from txindex.notify import Change, Subscription
 
 from .models import Counter, Node, User
@@ -174,6 +174,57 @@ def test_bad_targets(make_db: Callable[..., DB]) -> None:
     sub = db.subscribe(Node, lambda c: None)
     with pytest.raises(TypeError, match="callback"):
         iter(sub)
+    for bad in (0, -1, True, 1.5, "10"):
+        with pytest.raises(ValueError, match="max_pending"):
+            db.subscribe(Node, max_pending=bad)  # type: ignore[arg-type]
+
+
+def _count_to(db: DB, n: int) -> list[int]:
+    """``n`` commits, each a revision that changes Counter 1; their revisions."""
+    revs = []
+    for i in range(n):
+        with db.tx() as tx:
+            tx.put(Counter(1, i))
+            rev = tx.commit()
+        assert rev is not None
+        revs.append(rev)
+    return revs
+
+
+def test_iterator_that_falls_behind_ends_with_lagged(make_db: Callable[..., DB]) -> None:
+    """A consumer ``max_pending`` changes behind loses its subscription: what it got is an
+    unbroken prefix of the changes, then ``SubscriptionLagged`` names the first one missed;
+    the changes still queued are dropped; other subscriptions go on."""
+    db = make_db()
+    lagging = db.subscribe((Counter, 1), max_pending=5)
+    steady = db.subscribe(Counter)  # default bound, far away
+    revs = _count_to(db, 3)
+    got = [lagging.get(10) for _ in range(3)]  # consumed while it keeps up
+    assert [c.revision for c in got if c is not None] == revs
+    revs += _count_to(db, 20)  # not consumed: 5 fit, the 6th ends it
+    deadline = time.monotonic() + 10
+    while not lagging.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for _ in range(2):  # and it stays ended
+        with pytest.raises(SubscriptionLagged) as info:
+            lagging.get(1)
+        assert info.value.revision == revs[3 + 5] and info.value.max_pending == 5
+    with pytest.raises(SubscriptionLagged):
+        list(lagging)
+    assert lagging._queue is not None and lagging._queue.qsize() == 1  # only its end mark
+    assert lagging not in db._notifier._subs  # type: ignore[union-attr]
+    lagging.close()  # idempotent after the overflow
+    assert [steady.get(10).revision for _ in revs] == revs  # type: ignore[union-attr]
+    steady.close()
+
+
+def test_unbounded_iterator_keeps_everything(make_db: Callable[..., DB]) -> None:
+    db = make_db()
+    sub = db.subscribe((Counter, 1), max_pending=None)
+    revs = _count_to(db, 30)
+    assert [sub.get(10).revision for _ in revs] == revs  # type: ignore[union-attr]
+    sub.close()
+    assert sub.get(1) is None
 
 
 def test_subscription_start_is_exact_under_concurrent_writes(make_db: Callable[..., DB]) -> None:

@@ -145,18 +145,23 @@ class DB:
         return await atransact(self, fn, attempts)
 
     def subscribe(
-        self, target: Any, callback: Callable[[Change], object] | None = None
+        self,
+        target: Any,
+        callback: Callable[[Change], object] | None = None,
+        *,
+        max_pending: int | None = 10_000,
     ) -> Subscription:
         """Changes to ``(Model, pk)``, a ``Model`` or ``(Model.index, value)``, delivered after
         the cache applied them: to ``callback`` from a dispatcher thread, or by iterating the
-        returned :class:`~txindex.notify.Subscription` (see :mod:`txindex.notify`)."""
+        returned :class:`~txindex.notify.Subscription`, which ends with ``SubscriptionLagged``
+        if its consumer falls ``max_pending`` changes behind (see :mod:`txindex.notify`)."""
         self._check_open()
         from .notify import Notifier
 
         with self._visible_lock:
             if self._notifier is None:
                 self._notifier = Notifier(self, self._watcher, self._store)
-        return self._notifier.subscribe(target, callback)
+        return self._notifier.subscribe(target, callback, max_pending)
 
     # ---- state ---------------------------------------------------------------------------
 

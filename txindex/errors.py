@@ -79,5 +79,19 @@ class Compacted(TxIndexError):
         self.compact_revision = compact_revision
 
 
+class SubscriptionLagged(TxIndexError):
+    """An iterator subscription fell ``max_pending`` changes behind its consumer and was
+    ended: the changes from ``revision`` on were not delivered (those before it were, in
+    order). Re-read the state with ``db.read()`` and subscribe again."""
+
+    def __init__(self, revision: int, max_pending: int) -> None:
+        super().__init__(
+            f"subscription fell {max_pending} changes behind; changes from revision {revision} "
+            "on were not delivered: re-read with db.read() and subscribe again"
+        )
+        self.revision = revision
+        self.max_pending = max_pending
+
+
 class WatchBroken(TxIndexError):
     """A watch stream ended or failed; the watcher reconnects."""

@@ -23,10 +23,17 @@ or this process's last commit if that is later (the state a ``db.read()`` opened
 a resync after compaction reports the net change of each key at the resync revision.
 
 Without a callback the subscription is an iterator (``for change in sub``) that blocks until
-the next change and ends after :meth:`Subscription.close` (or ``db.close()``). A callback that
-raises is logged and keeps its subscription. Queues are unbounded: a slow consumer costs memory,
-not correctness. When no subscription is open the watcher skips all of this (one ``is None``
-test per watch response).
+the next change and ends after :meth:`Subscription.close` (or ``db.close()``). It holds at most
+``max_pending`` undelivered changes (10,000 by default; ``None``: no bound): a consumer that
+falls that far behind loses its subscription rather than letting memory grow. The changes
+still queued are dropped, and ``get`` (and so iteration) raises
+:class:`~txindex.errors.SubscriptionLagged`, naming the first revision not delivered; every
+change before it was delivered, in order. Re-read with ``db.read()`` and subscribe again.
+
+A callback runs in the dispatcher thread, so a slow one holds up every subscription of the
+DB (their backlog waits in the dispatcher's queue, unbounded); a callback that raises is
+logged and keeps its subscription. When no subscription is open the watcher skips all of this
+(one ``is None`` test per watch response).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import Closed, ModelError
+from .errors import Closed, ModelError, SubscriptionLagged
 from .index import Index
 from .model import ModelInfo, info_of
 from .store import Entry, Store, index_keys
@@ -88,6 +95,8 @@ class Subscription:
         self.revision = 0  # set by subscribe: changes above it are delivered
         self.closed = False
         self._queue: queue.SimpleQueue[Any] | None = None if callback else queue.SimpleQueue()
+        self.max_pending: int | None = None  # an iterator's bound on undelivered changes
+        self._lagged: SubscriptionLagged | None = None  # set when it overflowed
 
     def close(self) -> None:
         """Stop delivery; an iterator ends after the changes already queued. Idempotent."""
@@ -98,7 +107,8 @@ class Subscription:
                 self._queue.put(_END)
 
     def get(self, timeout: float | None = None) -> Change | None:
-        """The next change; ``None`` after ``timeout`` seconds or once closed and drained."""
+        """The next change; ``None`` after ``timeout`` seconds or once closed and drained.
+        Raises :class:`~txindex.errors.SubscriptionLagged` once it overflowed (module doc)."""
         if self._queue is None:
             raise TypeError("this subscription delivers to its callback; it has no queue")
         try:
@@ -107,6 +117,8 @@ class Subscription:
             return None
         if item is _END:
             self._queue.put(_END)  # stay ended for later calls
+            if self._lagged is not None:
+                raise SubscriptionLagged(self._lagged.revision, self._lagged.max_pending)
             return None
         change: Change = item
         return change
@@ -133,13 +145,33 @@ class Subscription:
         if self.closed:
             return
         if self._queue is not None:
-            self._queue.put(change)
+            if self.max_pending is not None and self._queue.qsize() >= self.max_pending:
+                self._overflow(change.revision)
+            else:
+                self._queue.put(change)
             return
         assert self.callback is not None
         try:
             self.callback(change)
         except Exception:
             log.exception("txindex: subscription callback raised on %s; continuing", change.key)
+
+    def _overflow(self, revision: int) -> None:
+        """End an iterator that fell ``max_pending`` changes behind (dispatcher thread): drop
+        what it still holds, so the consumer raises ``SubscriptionLagged`` at once. O(q)."""
+        assert self._queue is not None and self.max_pending is not None
+        if self.closed:  # closed by its consumer meanwhile
+            return
+        self._lagged = SubscriptionLagged(revision, self.max_pending)
+        self.closed = True
+        self._notifier.remove(self)
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(_END)
+        log.warning("txindex: %s", self._lagged)
 
     def _wants(self, change: Change, before: Entry | None, after: Entry | None) -> bool:
         if change.revision <= self.revision:
@@ -181,11 +213,19 @@ class Notifier:
     # ---- subscriptions (user threads) ----------------------------------------------------
 
     def subscribe(
-        self, target: Any, callback: Callable[[Change], object] | None = None
+        self,
+        target: Any,
+        callback: Callable[[Change], object] | None = None,
+        max_pending: int | None = 10_000,
     ) -> Subscription:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {callback!r}")
+        if max_pending is not None and (
+            isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1
+        ):
+            raise ValueError(f"max_pending must be a positive int or None, got {max_pending!r}")
         sub = self._make(target, callback)
+        sub.max_pending = max_pending
         if sub.info not in self._store.models:
             raise ModelError(f"{sub.info.name} is not a model of this database")
         with self._lock:
