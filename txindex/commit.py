@@ -39,7 +39,9 @@ Let R be the transaction's snapshot and V the store's applied revision when the 
 5. **Group commit** (:mod:`txindex.group`): a DB has one Txn of small commits in flight at a
    time; small commits queued behind it that touch disjoint things share the next Txn (one
    revision, one local apply of all their writes), and a failed group's members re-validate
-   and go alone. A large commit goes out at once in its own Txn, beside the others.
+   and go alone. A queued commit is validated again (step 1) when its Txn is sent, and V
+   becomes the revision that check reached. A large commit goes out at once in its own Txn,
+   beside the others.
 
 Writes by other tools (``etcdctl``) do not write fences: they are applied to the cache like any
 write and conflict with exact point reads, but they are not serialized against predicate reads
@@ -98,10 +100,10 @@ def _commit(tx: Transaction) -> int:
     alone = False
     for _ in range(db.max_rounds):
         validated = _revalidate(tx, validated)
-        compares = [Compare((db.prefix + k).encode(), "mod", "=", tx.reads[k]) for k in point_keys]
-        compares.extend(Compare(f, "mod", "<", validated + 1) for f in fences)
+        points = [Compare((db.prefix + k).encode(), "mod", "=", tx.reads[k]) for k in point_keys]
         req = Request(
-            compares, ops, size, partial(_updates, tx), partial(_revalidate, tx, validated), alone
+            points, fences, validated, ops, size, partial(_updates, tx),
+            partial(_revalidate, tx, validated), alone,
         )
         result = db._group.send(req)
         alone = alone or req.shared  # a failed group: which member failed is unknown

@@ -18,7 +18,9 @@ moving keys of one model) merge into one put: a fence only says "changed at C".
 
 Before sending, the leader runs each member's local validation over what the store applied
 since the member built its compares (it may have queued behind a Txn that wrote what it
-read): a member that fails it gets its ``Conflict`` without a Txn, and the others go on.
+read): a member that fails it gets its ``Conflict`` without a Txn, and the others go on; a
+member that passes has its fence compares start from the revision the check reached (the
+Txn it waited behind wrote the fence of a range it queried, and changed nothing in it).
 The group's writes are every change of the prefix at C, so the leader applies them locally as
 one batch (one member's writes alone at C would let the watch skip the others'). If the Txn
 fails, the leader cannot tell which member's compare failed: every member gets the failure
@@ -50,25 +52,43 @@ Updates = Callable[[int], "list[tuple[str, Entry | None]]"]
 
 
 class Request:
-    """One transaction's Txn, queued for a group."""
+    """One transaction's Txn, queued for a group. Its compares: ``points`` (exact
+    mod_revision compares), then ``mod_revision < validated + 1`` on each of the ``guards``
+    (the fences of its predicates, :mod:`txindex.commit`), ``validated`` being the revision
+    its local validation reached."""
 
     __slots__ = (
-        "alone", "check", "compares", "error", "lead", "ops", "result", "shared",
-        "size", "updates", "wake",
+        "alone", "check", "compares", "error", "guards", "lead", "ops", "points", "result",
+        "shared", "size", "updates", "validated", "wake",
     )
 
     def __init__(
-        self, compares: list[Compare], ops: list[Op], size: int, updates: Updates,
-        check: Callable[[], object], alone: bool = False,
+        self, points: list[Compare], guards: list[bytes], validated: int, ops: list[Op],
+        size: int, updates: Updates, check: Callable[[], int], alone: bool = False,
     ) -> None:
-        self.compares, self.ops, self.size, self.updates = compares, ops, size, updates
-        self.check = check  # raises Conflict if the store already shows a change it read
+        self.points, self.guards = points, guards
+        self.validated = validated
+        self.compares = points + [Compare(f, "mod", "<", validated + 1) for f in guards]
+        self.ops, self.size, self.updates = ops, size, updates
+        # validates against the store as it is now: raises Conflict if it shows a change the
+        # transaction read, else returns the revision validated up to
+        self.check = check
         self.alone = alone  # never grouped (a retry after its group failed)
         self.result: TxnResult | None = None
         self.error: BaseException | None = None
         self.lead = False
         self.shared = False  # sent in a Txn with other commits
         self.wake: threading.Event | None = None
+
+    def revalidated(self, validated: int) -> None:
+        """Its local validation now covers the store up to ``validated``: the guards'
+        compares need only hold from there (a commit that waited behind a Txn writing one
+        of its fences, at a revision the store has applied, is not failed by it). O(g)."""
+        if validated != self.validated:
+            self.validated = validated
+            self.compares = self.points + [
+                Compare(f, "mod", "<", validated + 1) for f in self.guards
+            ]
 
     def compared(self) -> set[bytes]:
         return {c.key for c in self.compares}
@@ -215,12 +235,13 @@ class GroupCommit:
 def _still_valid(req: Request) -> bool:
     """Run ``req``'s check against the store as it is now (it may have waited behind a Txn
     that changed what it read): a ``Conflict`` (or any failure of the check) becomes its
-    error and it is not sent."""
+    error and it is not sent; else its guards' compares start from what the check covered."""
     try:
-        req.check()
+        validated = req.check()
     except Exception as exc:
         req.error = exc
         return False
+    req.revalidated(validated)
     return True
 
 
