@@ -81,13 +81,14 @@ class Compacted(TxIndexError):
 
 class SubscriptionLagged(TxIndexError):
     """An iterator subscription fell ``max_pending`` changes behind its consumer and was
-    ended: the changes from ``revision`` on were not delivered (those before it were, in
-    order). Re-read the state with ``db.read()`` and subscribe again."""
+    ended. ``revision`` is that of the first change not delivered (the changes before it
+    were, in order; a revision that changed several keys may have been delivered in part).
+    Re-read the state with ``db.read()`` and subscribe again."""
 
     def __init__(self, revision: int, max_pending: int) -> None:
         super().__init__(
             f"subscription fell {max_pending} changes behind; changes from revision {revision} "
-            "on were not delivered: re-read with db.read() and subscribe again"
+            "on were not all delivered: re-read with db.read() and subscribe again"
         )
         self.revision = revision
         self.max_pending = max_pending

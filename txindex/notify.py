@@ -27,8 +27,9 @@ the next change and ends after :meth:`Subscription.close` (or ``db.close()``). I
 ``max_pending`` undelivered changes (10,000 by default; ``None``: no bound): a consumer that
 falls that far behind loses its subscription rather than letting memory grow. The changes
 still queued are dropped, and ``get`` (and so iteration) raises
-:class:`~txindex.errors.SubscriptionLagged`, naming the first revision not delivered; every
-change before it was delivered, in order. Re-read with ``db.read()`` and subscribe again.
+:class:`~txindex.errors.SubscriptionLagged`, naming the revision of the first change not
+delivered; what was delivered is every change before it, in order. Re-read with
+``db.read()`` and subscribe again.
 
 A callback runs in the dispatcher thread, so a slow one holds up every subscription of the
 DB (their backlog waits in the dispatcher's queue, unbounded); a callback that raises is
@@ -162,14 +163,17 @@ class Subscription:
         assert self._queue is not None and self.max_pending is not None
         if self.closed:  # closed by its consumer meanwhile
             return
-        self._lagged = SubscriptionLagged(revision, self.max_pending)
         self.closed = True
         self._notifier.remove(self)
+        first = revision  # the first change not delivered: the oldest one dropped
         while True:
             try:
-                self._queue.get_nowait()
+                dropped = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if first == revision and dropped is not _END:
+                first = dropped.revision
+        self._lagged = SubscriptionLagged(first, self.max_pending)
         self._queue.put(_END)
         log.warning("txindex: %s", self._lagged)
 
