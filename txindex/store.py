@@ -284,9 +284,14 @@ class Store:
             return n + sum(1 for it in shown if _within(it, lo, hi))
 
     def changes(self, after: int, upto: int) -> Iterator[Change]:
-        """Changes applied in revisions ``(after, upto]``; ``after`` must be pinned."""
+        """Changes applied in revisions ``(after, upto]``; ``after`` must be pinned. O(b) for
+        the b batches applied after ``after``, however long the log a snapshot keeps."""
+        batches = []
         with self._lock:
-            batches = [b for b in reversed(self._log) if b.revision > after]
+            for b in reversed(self._log):
+                if b.revision <= after:
+                    break
+                batches.append(b)
         for batch in reversed(batches):
             if batch.revision > upto:
                 break
