@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .errors import Conflict, Unavailable
 from .transaction import Transaction
+from .turns import TURN_SECONDS
 
 if TYPE_CHECKING:
     from .db import DB
@@ -88,12 +89,23 @@ async def atransact(
 ) -> T:
     """Run ``fn(tx)`` (sync, or async and awaited) in ``db.atx()`` and commit, retrying the
     whole ``fn`` on ``Conflict`` (and ``Unavailable``) with jittered exponential backoff
-    (``asyncio.sleep``), at most ``attempts`` times. ``CommitUnknown`` propagates."""
+    (``asyncio.sleep``), at most ``attempts`` times. ``CommitUnknown`` propagates. A retry
+    takes the DB's retry turn when it is free (:mod:`txindex.turns`)."""
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
     delay = 0.002
+    turns = db._turns
     for attempt in range(attempts):
+        taken = False
+        if attempt:
+            await asyncio.sleep(delay * random.random())
+            delay = min(delay * 2, 0.25)
+            taken = turns.try_take()  # as db.transact, without waiting for the turn
+        elif turns.busy():
+            await asyncio.to_thread(turns.first)
         try:
+            if taken:
+                await asyncio.to_thread(db._group.wait_idle, TURN_SECONDS)
             async with AsyncTx(db, writable=True) as tx:
                 result = fn(tx)
                 if inspect.isawaitable(result):
@@ -102,6 +114,6 @@ async def atransact(
         except (Conflict, Unavailable):  # as db.transact: Unavailable means nothing was sent
             if attempt == attempts - 1:
                 raise
-            await asyncio.sleep(delay * random.random())
-            delay = min(delay * 2, 0.25)
+        finally:
+            turns.give(taken)
     raise AssertionError("unreachable")

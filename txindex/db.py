@@ -22,6 +22,7 @@ from .metrics import Metrics, Observer, safe_url
 from .model import ModelInfo, check_prefixes, info_of
 from .store import Store
 from .transaction import Transaction
+from .turns import Turns
 from .watcher import Watcher
 
 if TYPE_CHECKING:  # hooks: txindex.aio / txindex.notify are imported on first use
@@ -80,6 +81,7 @@ class DB:
         self._group = GroupCommit(
             backend, self._watcher, [Put(sync_key(prefix), b"")], max_txn_ops, max_request_bytes
         )
+        self._turns = Turns(self._group)  # fair retries of transact (txindex.turns)
         self._visible_cell = _visibility(visibility_key, prefix)
         self._visibility_key = visibility_key
         self._visible_lock = threading.Lock()
@@ -102,23 +104,32 @@ class DB:
     def transact(self, fn: Callable[[Transaction], T], attempts: int = 10) -> T:
         """Run ``fn(tx)`` in a transaction and commit it, retrying the whole ``fn`` on
         ``Conflict`` (and ``Unavailable``: no request was sent) with jittered exponential
-        backoff, at most ``attempts`` times.
+        backoff, at most ``attempts`` times. A retry goes next among this DB's ``transact``
+        calls (:mod:`txindex.turns`), so a hot key does not starve a thread.
         ``CommitUnknown`` is never retried blindly; it propagates."""
         if attempts < 1:
             raise ValueError("attempts must be >= 1")
         delay = 0.002
+        turns = self._turns
         for attempt in range(attempts):
+            if attempt:
+                time.sleep(delay * random.random())
+                delay = min(delay * 2, 0.25)
+                taken = turns.take()  # a retry goes next in this DB (txindex.turns)
+            else:
+                turns.first()
+                taken = False
             try:
                 with self.tx() as tx:
                     return fn(tx)
             except (Conflict, Unavailable):  # Unavailable: nothing was sent, or cache behind
                 if attempt == attempts - 1:
                     raise
-                time.sleep(delay * random.random())
-                delay = min(delay * 2, 0.25)
             except CommitUnknown:
                 if "blind_retry_unknown" not in _seeded.active or attempt == attempts - 1:
                     raise
+            finally:
+                turns.give(taken)
         raise AssertionError("unreachable")
 
     # ---- asyncio and notifications (txindex.aio, txindex.notify) -------------------------

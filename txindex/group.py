@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from .watcher import Watcher
 
 log = logging.getLogger("txindex")
+
+IDLE_POLL_SECONDS = 0.0002  # how often wait_idle looks (a Txn takes ~0.5 ms on loopback)
 
 #: A member's writes as store updates at a commit revision (for the local apply).
 Updates = Callable[[int], "list[tuple[str, Entry | None]]"]
@@ -134,6 +137,13 @@ class GroupCommit:
         if req.error is not None:
             raise req.error
         return req.result
+
+    def wait_idle(self, timeout: float) -> None:
+        """Return once no Txn of small commits is in flight or queued (its writes applied
+        locally when they could be), or after ``timeout`` seconds (:mod:`txindex.turns`)."""
+        deadline = time.monotonic() + timeout
+        while self._sending and time.monotonic() < deadline:
+            time.sleep(IDLE_POLL_SECONDS)
 
     def _large(self, req: Request) -> bool:
         """More than a quarter of one Txn's operations, compares or bytes: at most two
