@@ -7,6 +7,8 @@ then releases it, so which commits meet in one Txn is deterministic. Both backen
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -256,6 +258,36 @@ def test_a_range_reader_queued_behind_a_write_of_its_model_sends_one_txn(
         queued.commit("r", query_then_write)
     assert isinstance(queued.results["r"], int), queued.results
     assert len(gate.sent) == 2, gate.sent  # the first's Txn, then r's
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_commit_interrupted_while_queued_does_not_stall_the_queue(make_db: MakeDB) -> None:
+    """An exception raised in a thread waiting in the queue (here by a signal handler, as
+    Ctrl-C or a SIGTERM handler would) takes its commit out; the commits behind it go on."""
+    db = make_db()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: (_ for _ in ()).throw(_Interrupted()))
+    try:
+        with held_first_txn(db) as (_gate, queued):
+            queued.commit("behind", lambda tx: tx.put(User("behind")))
+            timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
+            timer.start()
+            # this (main) thread queues behind the first's Txn
+            with pytest.raises(_Interrupted), db.tx() as tx:
+                tx.put(User("interrupted"))
+            timer.join()
+            assert len(db._group._queue) == 1  # "behind" only
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert isinstance(queued.results["behind"], int), queued.results
+    assert not db._group._sending and not db._group._queue
+    with db.tx() as tx:  # and later commits too
+        tx.put(User("later"))
+    with db.read() as r:
+        assert r.get(User, "interrupted") is None
+        assert r.get(User, "behind") is not None and r.get(User, "later") is not None
 
 
 def test_an_unknown_outcome_reaches_every_member(make_db: MakeDB) -> None:

@@ -61,8 +61,8 @@ class Request:
     its local validation reached."""
 
     __slots__ = (
-        "alone", "check", "compares", "error", "guards", "lead", "ops", "points", "result",
-        "shared", "size", "updates", "validated", "wake",
+        "alone", "check", "compares", "error", "guards", "lead", "led", "ops", "points",
+        "result", "shared", "size", "updates", "validated", "wake",
     )
 
     def __init__(
@@ -79,7 +79,8 @@ class Request:
         self.alone = alone  # never grouped (a retry after its group failed)
         self.result: TxnResult | None = None
         self.error: BaseException | None = None
-        self.lead = False
+        self.lead = False  # handed the lead of the next Txn
+        self.led = False  # began leading it (then hands it over, whatever happens)
         self.shared = False  # sent in a Txn with other commits
         self.wake: threading.Event | None = None
 
@@ -161,17 +162,36 @@ class GroupCommit:
             else:
                 self._sending = True
                 req.lead = True
-        if not req.lead:
-            assert req.wake is not None
-            req.wake.wait()
-        if req.lead:
-            self._lead(req)
+        try:
+            if not req.lead:
+                assert req.wake is not None
+                req.wake.wait()
+            if req.lead:
+                self._lead(req)
+        except BaseException:
+            if not req.led:
+                self._abandon(req)
+            raise
+
+    def _abandon(self, req: Request) -> None:
+        """``req``'s thread left while queued (an exception raised in it, say by a signal
+        handler): take it out of the queue, or pass on the lead it was handed, so that the
+        commits behind it go on. Picked into a group already, it is sent with the group and
+        its outcome is unknown to its caller."""
+        with self._lock:
+            if req in self._queue:
+                self._queue.remove(req)
+                return
+            if not req.lead:
+                return
+        self._hand_over([req])
 
     def _lead(self, req: Request) -> None:
         """Pick, check and send ``req``'s group, then hand the lead over. O(q * k) to pick
         among q queued commits of k keys, then one Txn."""
         group = [req]
         try:
+            req.led = True  # from here on, the lead is handed over in the finally below
             if self._queue and not req.alone:  # (a commit queueing now joins the next group)
                 with self._lock:
                     group, self._queue = _pick(req, self._queue, self._max_ops, self._max_bytes)
