@@ -19,7 +19,7 @@ import pytest
 
 import txindex
 from txindex import DB, CommitUnknown, Conflict
-from txindex.backend import Put
+from txindex.backend import Delete, Put
 from txindex.model import info_of
 from txindex.notify import Subscription
 
@@ -368,3 +368,41 @@ def test_values_that_do_not_round_trip_are_cached_decoded(make_db: MakeDB) -> No
             assert cached is not doc and cached == Doc("d", {"tags": ("a", "b")}, 3)
             assert r.get(Node, "n") is node  # exact model: the object put
     converged(db)  # what every other process decodes from etcd
+
+
+def test_a_local_apply_during_a_resync_is_not_lost_in_its_diff(make_db: MakeDB) -> None:
+    """Our commit creates k at V+1 (its reply held), another writer deletes k at V+2, and
+    compaction forces a resync. The commit's reply arrives while the resync compares the
+    store with etcd: its local apply must not land between the two (the diff would miss k,
+    and the cache keep an object etcd does not have)."""
+    db = make_db()
+    with db.tx() as tx:
+        tx.put(User("seed"))
+    db._watcher.stop()  # the resync below is driven by hand
+    gate = Gate(db._group._backend)
+    db._group._backend = gate  # type: ignore[assignment]
+    committer = threading.Thread(target=lambda: db.transact(lambda tx: tx.put(User("k", "t"))))
+    committer.start()
+    assert gate.holding.wait(10)  # k is committed; the reply is held
+    raw = db._backend
+    deleted = raw.txn([], [Delete((db.prefix + "users/k").encode())])
+    raw.compact(deleted.revision)
+    store = db._store
+    read_entries = store.entries
+
+    def entries_then_reply() -> Any:
+        current = read_entries()  # the resync has read the store...
+        gate.release.set()  # ...when the commit's reply arrives
+        committer.join(0.5)  # (it waits for the resync to finish, or applies at once)
+        return current
+
+    store.entries = entries_then_reply  # type: ignore[method-assign]
+    try:
+        db._watcher._resync()
+    finally:
+        del store.entries
+    committer.join(10)
+    assert not committer.is_alive()
+    with db.read() as r:
+        assert r.get(User, "k") is None
+    assert problems(db, raw)[1] == []

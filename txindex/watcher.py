@@ -469,15 +469,18 @@ class Watcher:
 
     def _resync_paused(self) -> None:
         revision, entries = self._read_all()
-        current = self._store.entries()
         fresh = {e.key: e for e in entries}
-        updates: list[tuple[str, Entry | None]] = [
-            (k, e) for k, e in fresh.items()
-            if k not in current or current[k].mod_revision != e.mod_revision
-        ]
-        updates.extend((k, None) for k in current if k not in fresh)
         reindex = "resync_without_index_rebuild" not in _seeded.active
-        self._store_apply([(revision, updates)], reindex=reindex)  # hook: txindex.notify
+        with self.hook_lock:  # no local apply between reading the store and applying the diff
+            current = self._store.entries()
+            updates: list[tuple[str, Entry | None]] = [
+                (k, e) for k, e in fresh.items()
+                if k not in current or current[k].mod_revision != e.mod_revision
+            ]
+            updates.extend((k, None) for k in current if k not in fresh)
+            self._apply_locked([(revision, updates)], reindex, None)  # hook: txindex.notify
+            if self._pending:
+                self._drain_locked()
         self._store.advance(revision)
         self.stats.resyncs += 1
         log.warning("txindex: resynced at revision %d (%d keys changed)", revision, len(updates))
