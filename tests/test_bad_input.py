@@ -226,6 +226,14 @@ def test_model_prefix_without_slash() -> None:
         txindex.model("bad", key="id")
 
 
+def test_model_prefix_reserved_for_txindex() -> None:
+    """The sync key lives at ``<db prefix>__txindex__/sync``: no model may claim it."""
+    for bad in ("__txindex__/", "__txindex__/sync/"):
+        with pytest.raises(ModelError, match="reserved"):
+            txindex.model(bad, key="id")
+    txindex.model("__txindex2__/", key="id")  # only that folder is reserved
+
+
 def test_open_without_models(etcd_url: str, prefix: str) -> None:
     with pytest.raises(ModelError):
         txindex.open(etcd_url, models=[], prefix=prefix)

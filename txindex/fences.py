@@ -29,10 +29,10 @@ import zlib
 from typing import Any
 
 from .index import Index
-from .model import ModelInfo
+from .model import RESERVED_PREFIX, ModelInfo
 from .ordering import TOP
 
-ROOT = "__txindex__/"  # the sync key's folder inside the prefix
+ROOT = RESERVED_PREFIX  # the sync key's folder inside the prefix (no model may claim it)
 BUCKETS = 1024
 
 

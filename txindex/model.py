@@ -35,6 +35,7 @@ __all__ = ["ModelInfo", "check_object", "check_prefixes", "info_of", "model"]
 T = TypeVar("T")
 
 _ATTR = "__txindex_model__"
+RESERVED_PREFIX = "__txindex__/"  # txindex's own keys inside a DB's prefix (the sync key)
 
 # Mutable container types (and their typing aliases, which share the origin) with advice.
 _MUTABLE: dict[Any, str] = {
@@ -175,6 +176,11 @@ def model(prefix: str, *, key: str) -> Callable[[type[T]], type[T]]:
         raise ModelError(f"model prefix must be a non-empty str, got {prefix!r}")
     if not prefix.endswith("/"):
         raise ModelError(f"model prefix {prefix!r} must end with '/' (e.g. {prefix + '/'!r})")
+    if prefix.startswith(RESERVED_PREFIX):
+        raise ModelError(
+            f"model prefix {prefix!r} is reserved: txindex keeps its own keys under "
+            f"{RESERVED_PREFIX!r}"
+        )
     if not isinstance(key, str) or not key:
         raise ModelError(f"model key must be the name of a field, got {key!r}")
 
