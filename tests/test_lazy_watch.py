@@ -113,3 +113,22 @@ def test_without_commits_the_watch_is_read_at_once(
     while db.revision < other:  # no wait_for: nothing nudges the watcher here
         assert time.monotonic() < deadline
         time.sleep(0.005)
+
+
+def test_a_read_after_another_handles_commit_wakes_the_watcher(
+    db: DB, etcd_url: str, prefix: str
+) -> None:
+    """Read-your-writes across two handles of one process: after the other handle commits,
+    this handle's next transaction waits for a revision only its own watch brings."""
+    other = txindex.open(etcd_url, models=MODELS, prefix=prefix)
+    try:
+        paused(db, Node("a", "u1", "10.0.0.1"))
+        y = Node("y", "u8", "10.8.8.8")
+        with other.tx() as tx:
+            tx.put(y)
+        t0 = time.monotonic()
+        with db.read() as tx:
+            assert tx.get(Node, "y") == y
+        assert time.monotonic() - t0 < LONG / 3
+    finally:
+        other.close()

@@ -82,6 +82,7 @@ class DB:
             backend, self._watcher, [Put(sync_key(prefix), b"")], max_txn_ops, max_request_bytes
         )
         self._turns = Turns(self._group)  # fair retries of transact (txindex.turns)
+        self._last_commit = 0  # this handle's newest commit revision
         self._visible_cell = _visibility(visibility_key, prefix)
         self._visibility_key = visibility_key
         self._visible_lock = threading.Lock()
@@ -238,13 +239,16 @@ class DB:
 
     def _pin(self) -> int:
         self._check_open()
+        visible = self._visible
+        if visible > self._store.revision and visible > self._last_commit:
+            # another handle's commit (read-your-writes across handles): only this handle's
+            # watch brings it, so no lazy pause of the watch (txindex.watcher)
+            self._watcher.nudge()
         try:
-            return self._store.pin(self._visible, self.timeout)
+            return self._store.pin(visible, self.timeout)
         except TimeoutError:
             self._watcher.nudge()
-            log.warning(
-                "txindex: cache behind revision %d after %.1fs", self._visible, self.timeout
-            )
+            log.warning("txindex: cache behind revision %d after %.1fs", visible, self.timeout)
             raise Unavailable(
                 f"cache has not caught up with this process's last commit "
                 f"(revision {self._visible}) within {self.timeout}s"
@@ -257,6 +261,8 @@ class DB:
         return self._visible_cell.revision
 
     def _committed(self, revision: int) -> None:
+        if revision > self._last_commit:
+            self._last_commit = revision  # (a race may leave it lower: one nudge too many)
         for cell in _covering(self._visibility_key, self.prefix, self._visible_cell):
             cell.advance(revision)
 
