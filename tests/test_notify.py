@@ -8,11 +8,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from txindex import DB, Closed, ModelError, SubscriptionLagged
-from txindex.notify import Change, Subscription
+from txindex.model import check_prefixes, info_of
+from txindex.notify import Change, Notifier, Subscription
+from txindex.store import Entry, Store, index_keys
 
-from .models import Counter, Node, User
+from .models import MODELS, Counter, Node, User
 
 
 class Recorder:
@@ -266,3 +270,71 @@ def test_subscription_start_is_exact_under_concurrent_writes(make_db: Callable[.
         assert revs[0] > sub.revision
         assert revs == sorted(set(revs))
         sub.close()
+
+
+_USERS = ("alice", "bob", "carol")
+_TAGS = ("a", "b", "c")
+
+
+@st.composite
+def _node_or_none(draw: st.DrawFn, pk: str) -> Node | None:
+    if draw(st.booleans()):
+        return None
+    tags = tuple(sorted(draw(st.sets(st.sampled_from(_TAGS), max_size=3))))
+    seen = draw(st.sampled_from((0.0, 1.0, 2.0)))
+    return Node(pk, draw(st.sampled_from(_USERS)), "10.0.0.1", tags, seen)
+
+
+_TARGETS = st.one_of(
+    st.tuples(st.just(Node), st.sampled_from(("n1", "n2"))),
+    st.just(Node),
+    st.just(User),
+    st.tuples(st.just(Node.by_user), st.sampled_from(_USERS)),
+    st.tuples(st.just(Node.by_tag), st.sampled_from(_TAGS)),
+    st.tuples(st.just(Node.by_user_seen), st.sampled_from(_USERS).map(lambda u: (u,))),
+    st.tuples(st.just(Node.by_user_seen), st.tuples(st.sampled_from(_USERS), st.just(1.0))),
+    st.tuples(st.just(Node.active), st.sampled_from((1.0, 2.0))),
+)
+
+
+def _concerns(sub: Subscription, key: str, before: Entry | None, after: Entry | None) -> bool:
+    """What a subscription matches, spelled out (the routes must agree)."""
+    if sub.kind == "key":
+        return bool(key == sub.match)
+    if sub.kind == "model":
+        return any(e is not None and e.info is sub.info for e in (before, after))
+    index, lo, hi = sub.match
+    return any(
+        lo <= (k, e.pk) < hi for e in (before, after) if e is not None for k in index_keys(index, e)
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    targets=st.lists(_TARGETS, min_size=1, max_size=12),
+    closed=st.sets(st.integers(0, 11)),
+    changes=st.lists(st.tuples(st.sampled_from(("n1", "n2")), st.data()), max_size=6),
+)
+def test_routes_find_exactly_the_subscriptions_a_change_concerns(
+    targets: list[Any], closed: set[int], changes: list[tuple[str, st.DataObject]]
+) -> None:
+    db = DB.__new__(DB)  # no server: only the notifier's routing is exercised
+    store = Store(check_prefixes(MODELS))
+    notifier = Notifier(db, None, store)  # type: ignore[arg-type]
+    subs = [notifier._make(t, None) for t in targets]
+    for sub in subs:
+        notifier._routes.add(sub)
+    for i in closed & set(range(len(subs))):
+        notifier._routes.remove(subs[i])
+    open_subs = [s for i, s in enumerate(subs) if i not in closed]
+    info = info_of(Node)
+    for pk, data in changes:
+        before, after = data.draw(_node_or_none(pk)), data.draw(_node_or_none(pk))
+        if before is None and after is None:
+            continue
+        eb = None if before is None else Entry(pk, before, 1, info)
+        ea = None if after is None else Entry(pk, after, 2, info)
+        key = f"nodes/{pk}"
+        got = notifier._routes.matching(key, eb, ea)
+        assert len(got) == len(set(got))  # each once
+        assert set(got) == {s for s in open_subs if _concerns(s, key, eb, ea)}

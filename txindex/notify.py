@@ -31,6 +31,10 @@ still queued are dropped, and ``get`` (and so iteration) raises
 delivered; what was delivered is every change before it, in order. Re-read with
 ``db.read()`` and subscribe again.
 
+Routing a change to its subscriptions costs a few dict probes (by key, by model, by index
+key), however many subscriptions are open; only a subscription to a prefix of a compound
+index is tested per change of its model.
+
 A callback runs in the dispatcher thread, so a slow one holds up every subscription of the
 DB (their backlog waits in the dispatcher's queue, unbounded); a callback that raises is
 logged and keeps its subscription. When no subscription is open the watcher skips all of this
@@ -47,6 +51,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import Closed, ModelError, SubscriptionLagged
+from .fences import equality_key
 from .index import Index
 from .model import ModelInfo, info_of
 from .store import Entry, Store, index_keys
@@ -177,17 +182,60 @@ class Subscription:
         self._queue.put(_END)
         log.warning("txindex: %s", self._lagged)
 
-    def _wants(self, change: Change, before: Entry | None, after: Entry | None) -> bool:
-        if change.revision <= self.revision:
-            return False
-        if self.kind == "key":
-            return bool(change.key == self.match)
-        if self.kind == "model":
-            return (before is not None and before.info is self.info) or (
-                after is not None and after.info is self.info
-            )
-        index, lo, hi = self.match
-        return _touches(index, lo, hi, before) or _touches(index, lo, hi, after)
+
+
+class _Routes:
+    """The open subscriptions by what they match, so that routing a change costs a few dict
+    probes, not a test per subscription: by store key, by model, and by (index, key) for an
+    index subscription on one key; a prefix of a compound index is tested per change
+    (``scan``). Mutated and read under the notifier's lock."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, dict[Subscription, None]] = {}
+        self.models: dict[ModelInfo, dict[Subscription, None]] = {}
+        self.exact: dict[ModelInfo, dict[Index[Any], dict[Any, dict[Subscription, None]]]] = {}
+        self.scan: dict[ModelInfo, dict[Subscription, None]] = {}
+
+    def _slot(self, sub: Subscription) -> dict[Subscription, None]:
+        if sub.kind == "key":
+            return self.keys.setdefault(sub.match, {})
+        if sub.kind == "model":
+            return self.models.setdefault(sub.info, {})
+        index, lo, hi = sub.match
+        key = equality_key(lo, hi)
+        if key is None:
+            return self.scan.setdefault(sub.info, {})
+        return self.exact.setdefault(sub.info, {}).setdefault(index, {}).setdefault(key, {})
+
+    def add(self, sub: Subscription) -> None:
+        """O(1)."""
+        self._slot(sub)[sub] = None
+
+    def remove(self, sub: Subscription) -> None:
+        """O(1) (empty slots are kept: they cost a probe that finds nothing)."""
+        self._slot(sub).pop(sub, None)
+
+    def matching(self, key: str, before: Entry | None, after: Entry | None) -> list[Subscription]:
+        """The subscriptions a change of ``key`` from ``before`` to ``after`` concerns, each
+        once. O(s + i * k) for s matches and k keys in each of the model's i subscribed
+        indexes, plus a test per prefix subscription of the model."""
+        entry = after or before
+        assert entry is not None
+        info = entry.info
+        found: dict[Subscription, None] = {}
+        found.update(self.keys.get(key, {}))
+        found.update(self.models.get(info, {}))
+        for index, by_key in self.exact.get(info, {}).items():
+            for e in (before, after):
+                for k in index_keys(index, e):
+                    subs = by_key.get(k)
+                    if subs:
+                        found.update(subs)
+        for sub in self.scan.get(info, {}):
+            index, lo, hi = sub.match
+            if _touches(index, lo, hi, before) or _touches(index, lo, hi, after):
+                found[sub] = None
+        return list(found)
 
 
 def _touches(index: Index[Any], lo: Any, hi: Any, entry: Entry | None) -> bool:
@@ -209,7 +257,8 @@ class Notifier:
         self._watcher = watcher
         self._store = store
         self._lock = threading.Lock()
-        self._subs: list[Subscription] = []
+        self._subs: dict[Subscription, None] = {}
+        self._routes = _Routes()  # the same subscriptions by what they match
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -240,7 +289,8 @@ class Notifier:
                     target=self._run, name="txindex-notify", daemon=True
                 )
                 self._thread.start()
-            self._subs.append(sub)
+            self._subs[sub] = None
+            self._routes.add(sub)
             # The watcher applies under ``hook_lock`` and reads ``apply_hook`` inside it, so
             # every revision above the one read here goes through the hook.
             with self._watcher.hook_lock:
@@ -272,7 +322,8 @@ class Notifier:
     def remove(self, sub: Subscription) -> None:
         with self._lock:
             if sub in self._subs:
-                self._subs.remove(sub)
+                del self._subs[sub]
+                self._routes.remove(sub)
             if not self._subs:
                 with self._watcher.hook_lock:
                     self._watcher.apply_hook = None
@@ -325,21 +376,21 @@ class Notifier:
             item = self._queue.get()
             if item is _END:
                 return
-            with self._lock:
-                subs = list(self._subs)
-            if not subs:
-                continue
-            for rev, triples in item:
-                for key, before, after in triples:
-                    change: Change | None = None
-                    for sub in subs:
-                        if change is None:
-                            e = after or before
-                            assert e is not None
-                            change = Change(
-                                rev, key, e.pk,
-                                None if before is None else before.value,
-                                None if after is None else after.value,
-                            )
-                        if sub._wants(change, before, after):
-                            sub._deliver(change)
+            with self._lock:  # routed under the lock, delivered outside it
+                routed = [
+                    (rev, key, before, after, subs)
+                    for rev, triples in item
+                    for key, before, after in triples
+                    if (subs := self._routes.matching(key, before, after))
+                ]
+            for rev, key, before, after, subs in routed:
+                e = after or before
+                assert e is not None
+                change = Change(
+                    rev, key, e.pk,
+                    None if before is None else before.value,
+                    None if after is None else after.value,
+                )
+                for sub in subs:
+                    if rev > sub.revision:  # (changes up to sub.revision predate it)
+                        sub._deliver(change)
