@@ -143,3 +143,49 @@ def test_fences_always_fit_when_put_accepted_the_writes() -> None:
                         continue
             finally:
                 db.close()
+
+
+def test_a_bulk_writer_keeps_the_unique_buckets_other_claims_compare(make_db: MakeDB) -> None:
+    """60 new nodes owe more bucket fences than the Txn has room for: the unique index's
+    buckets are kept (the other indexes get their coarse fences), so a unique check on
+    another value commits without a Conflict or a failed round."""
+    bulk = [Node(f"b{i}", f"u{i}", f"ip-b{i}") for i in range(60)]
+    mine = "ip-mine"
+    assert bucket_fence("x/", Node.by_ip, sort_key(mine)) not in {
+        bucket_fence("x/", Node.by_ip, sort_key(n.ip)) for n in bulk
+    }  # (buckets are a pure function of the key: no collision by construction)
+    db = make_db(timeout=1.0)
+    tx = db.tx()
+    assert tx.first(Node.by_ip, mine) is None
+    tx.put(Node("m1", "me", mine))
+    db._watcher.stop()
+    other_writes(make_db, bulk)
+    assert tx.commit() is not None
+
+
+def test_bucket_fences_fall_back_to_coarse_fences_within_the_budget() -> None:
+    from txindex.commit import _bucket_puts
+    from txindex.fences import coarse_fence, index_coarse_fence
+    from txindex.model import info_of
+
+    info = info_of(Node)
+
+    def owed(index: txindex.Index[Node], n: int) -> set[bytes]:
+        return {bucket_fence("p/", index, sort_key(f"k{i}")) for i in range(n)}
+
+    by_user, by_ip, by_tag = owed(Node.by_user, 3), owed(Node.by_ip, 5), owed(Node.by_tag, 1)
+    debt = {Node.by_user: by_user, Node.by_ip: by_ip, Node.by_tag: by_tag}
+    assert _bucket_puts("p/", info, debt, 100) == sorted(by_ip) + sorted(by_tag) + sorted(by_user)
+    # unique first, then the fewest buckets; an index that does not fit gets its coarse fence
+    assert _bucket_puts("p/", info, debt, 8) == [
+        *sorted(by_ip), *sorted(by_tag), index_coarse_fence("p/", Node.by_user)
+    ]
+    assert _bucket_puts("p/", info, debt, 4) == [
+        index_coarse_fence("p/", Node.by_ip), *sorted(by_tag),
+        index_coarse_fence("p/", Node.by_user),
+    ]
+    # no room for a fence per index: the model's coarse fence covers the rest
+    assert _bucket_puts("p/", info, debt, 2) == [
+        index_coarse_fence("p/", Node.by_ip), coarse_fence("p/", info)
+    ]
+    assert _bucket_puts("p/", info, debt, 1) == [coarse_fence("p/", info)]

@@ -63,8 +63,16 @@ from . import _seeded
 from .backend.base import Compare, Delete, Op, Put
 from .codec import round_trips_exactly
 from .errors import CommitUnknown, Conflict, TxTooLarge
-from .fences import bucket_fence, coarse_fence, equality_key, model_fence, sync_key
+from .fences import (
+    bucket_fence,
+    coarse_fence,
+    equality_key,
+    index_coarse_fence,
+    model_fence,
+    sync_key,
+)
 from .group import Request
+from .index import Index
 from .metrics import log_commit_unknown
 from .model import ModelInfo
 from .store import Change, Entry, index_keys
@@ -147,7 +155,7 @@ def _ops(tx: Transaction) -> list[Op]:
     writes of i indexes."""
     prefix = tx._db.prefix
     ops: list[Op] = []
-    buckets: dict[ModelInfo, set[bytes]] = {}
+    buckets: dict[ModelInfo, dict[Index[Any], set[bytes]]] = {}
     puts = False
     for key, w in tx.writes.items():
         full = (prefix + key).encode()
@@ -158,32 +166,52 @@ def _ops(tx: Transaction) -> list[Op]:
             puts = True
         owed = buckets.get(w.info)
         if owed is None:
-            owed = buckets[w.info] = set()
+            owed = buckets[w.info] = {}
         new_keys = w.keys
         for idx, old in w.old_keys.items():
             new = new_keys[idx]
             if old != new:  # (the common update moves no index key)
+                fences = owed.get(idx)
+                if fences is None:
+                    fences = owed[idx] = set()
                 for k in set(old).symmetric_difference(new):  # entered or left
-                    owed.add(bucket_fence(prefix, idx, k))
+                    fences.add(bucket_fence(prefix, idx, k))
     if not puts:
         # Deletes of absent keys make no event in the prefix and the fences live outside it:
         # the sync key gives the watch an event at the commit revision (read-your-writes).
         ops.append(Put(sync_key(prefix), b""))
     budget = tx._db.max_txn_ops - len(ops) - len(buckets)  # the model fences are reserved
-    models = sorted(buckets, key=lambda i: len(buckets[i]))
+    models = sorted(buckets, key=lambda i: sum(map(len, buckets[i].values())))
     for n, info in enumerate(models):
         ops.append(Put(model_fence(prefix, info), b""))
         later = len(models) - n - 1  # each later model may still need its coarse fence
-        owed = buckets[info]
-        if not owed:
-            continue
-        if len(owed) <= budget - later:
-            budget -= len(owed)
-            ops.extend(Put(f, b"") for f in sorted(owed))
-        else:
-            budget -= 1
-            ops.append(Put(coarse_fence(prefix, info), b""))
+        owed_puts = _bucket_puts(prefix, info, buckets[info], budget - later)
+        budget -= len(owed_puts)
+        ops.extend(Put(f, b"") for f in owed_puts)
     return ops
+
+
+def _bucket_puts(
+    prefix: str, info: ModelInfo, owed: dict[Index[Any], set[bytes]], budget: int
+) -> list[bytes]:
+    """The fences one model's writes owe for index keys they moved, in at most ``budget``
+    (>= 1) keys: each index's bucket fences, else its coarse fence, else the model's coarse
+    fence for the indexes left (see :mod:`txindex.fences`). Unique indexes first, then the
+    indexes with the fewest buckets. O(b log b) for b bucket fences."""
+    out: list[bytes] = []
+    order = sorted(owed.items(), key=lambda kv: (not kv[0].unique, len(kv[1]), kv[0].name))
+    for n, (index, fences) in enumerate(order):
+        if not fences:
+            continue
+        reserve = 1 if n < len(order) - 1 else 0  # the model's coarse fence, for the rest
+        if len(out) + len(fences) + reserve <= budget:
+            out.extend(sorted(fences))
+        elif len(out) + 1 + reserve <= budget:
+            out.append(index_coarse_fence(prefix, index))
+        else:
+            out.append(coarse_fence(prefix, info))
+            break
+    return out
 
 
 def _check_size(tx: Transaction, ops: list[Op]) -> int:
@@ -216,7 +244,9 @@ def _plan_compares(tx: Transaction) -> tuple[list[str], list[bytes]]:
         if key is None:
             ranged.add(info)
         else:
-            equal.setdefault(info, set()).add(bucket_fence(prefix, index, key))
+            equal.setdefault(info, set()).update(
+                (bucket_fence(prefix, index, key), index_coarse_fence(prefix, index))
+            )
     budget = tx._db.max_txn_ops
 
     def fences() -> list[bytes]:

@@ -15,8 +15,13 @@ transaction that queried an index compares the fences its query depends on
   transaction, so a change to their content is caught by their own compares; a unique key the
   written object already held in the snapshot needs no check at commit (any change of its
   holder changes that object).
-* ``coarse/M`` — written instead of the bucket fences when those would not fit the Txn's
-  operation budget. Equality queries compare it too.
+* ``icoarse/M<index>`` — written instead of an index's bucket fences when those would not
+  fit the Txn's operation budget (a bulk commit); equality queries on that index compare it.
+  Buckets of unique indexes are kept first (unique checks decide claims), then those of the
+  indexes with the fewest buckets.
+* ``coarse/M`` — written for the remaining indexes of M when not even one fence each fits
+  (never more than the model fence and this one per model: what ``put`` reserves). Equality
+  queries on any index of M compare it.
 
 All fence values are empty. The sync key (:func:`sync_key`) is the one bookkeeping key inside
 the prefix (``<prefix>__txindex__/sync``): its events are the point of it.
@@ -57,6 +62,12 @@ def model_fence(db_prefix: str, info: ModelInfo) -> bytes:
 @functools.lru_cache(maxsize=1 << 10)
 def coarse_fence(db_prefix: str, info: ModelInfo) -> bytes:
     return f"{fence_root(db_prefix)}coarse/{info.prefix}".encode()
+
+
+@functools.lru_cache(maxsize=1 << 10)
+def index_coarse_fence(db_prefix: str, index: Index[Any]) -> bytes:
+    info: ModelInfo = index.model.__txindex_model__
+    return f"{fence_root(db_prefix)}icoarse/{info.prefix}{index.name}".encode()
 
 
 @functools.lru_cache(maxsize=1 << 16)
