@@ -83,7 +83,8 @@ class SubscriptionLagged(TxIndexError):
     """An iterator subscription fell ``max_pending`` changes behind its consumer and was
     ended. ``revision`` is that of the first change not delivered (the changes before it
     were, in order; a revision that changed several keys may have been delivered in part).
-    Re-read the state with ``db.read()`` and subscribe again."""
+    Raised once the changes queued before it are consumed. Re-read the state with
+    ``db.read()`` and subscribe again."""
 
     def __init__(self, revision: int, max_pending: int) -> None:
         super().__init__(

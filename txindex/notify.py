@@ -25,11 +25,10 @@ a resync after compaction reports the net change of each key at the resync revis
 Without a callback the subscription is an iterator (``for change in sub``) that blocks until
 the next change and ends after :meth:`Subscription.close` (or ``db.close()``). It holds at most
 ``max_pending`` undelivered changes (10,000 by default; ``None``: no bound): a consumer that
-falls that far behind loses its subscription rather than letting memory grow. The changes
-still queued are dropped, and ``get`` (and so iteration) raises
+falls that far behind loses its subscription rather than letting memory grow: the changes
+already queued are still delivered, in order, then ``get`` (and so iteration) raises
 :class:`~txindex.errors.SubscriptionLagged`, naming the revision of the first change not
-delivered; what was delivered is every change before it, in order. Re-read with
-``db.read()`` and subscribe again.
+delivered. Re-read with ``db.read()`` and subscribe again.
 
 Routing a change to its subscriptions costs a few dict probes (by key, by model, by index
 key), however many subscriptions are open; only a subscription to a prefix of a compound
@@ -103,14 +102,18 @@ class Subscription:
         self._queue: queue.SimpleQueue[Any] | None = None if callback else queue.SimpleQueue()
         self.max_pending: int | None = None  # an iterator's bound on undelivered changes
         self._lagged: SubscriptionLagged | None = None  # set when it overflowed
+        # an iterator's end mark goes in after every change queued, and nothing after it
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Stop delivery; an iterator ends after the changes already queued. Idempotent."""
-        if not self.closed:
+        with self._lock:
+            if self.closed:
+                return
             self.closed = True
-            self._notifier.remove(self)
             if self._queue is not None:
                 self._queue.put(_END)
+        self._notifier.remove(self)
 
     def get(self, timeout: float | None = None) -> Change | None:
         """The next change; ``None`` after ``timeout`` seconds or once closed and drained.
@@ -148,39 +151,28 @@ class Subscription:
         self.close()
 
     def _deliver(self, change: Change) -> None:
-        if self.closed:
-            return
-        if self._queue is not None:
-            if self.max_pending is not None and self._queue.qsize() >= self.max_pending:
-                self._overflow(change.revision)
-            else:
-                self._queue.put(change)
-            return
-        assert self.callback is not None
-        try:
-            self.callback(change)
-        except Exception:
-            log.exception("txindex: subscription callback raised on %s; continuing", change.key)
-
-    def _overflow(self, revision: int) -> None:
-        """End an iterator that fell ``max_pending`` changes behind (dispatcher thread): drop
-        what it still holds, so the consumer raises ``SubscriptionLagged`` at once. O(q)."""
-        assert self._queue is not None and self.max_pending is not None
-        if self.closed:  # closed by its consumer meanwhile
-            return
-        self.closed = True
-        self._notifier.remove(self)
-        first = revision  # the first change not delivered: the oldest one dropped
-        while True:
+        if self._queue is None:
+            if self.closed:
+                return
+            assert self.callback is not None
             try:
-                dropped = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if first == revision and dropped is not _END:
-                first = dropped.revision
-        self._lagged = SubscriptionLagged(first, self.max_pending)
-        self._queue.put(_END)
+                self.callback(change)
+            except Exception:
+                log.exception("txindex: subscription callback raised on %s; continuing", change.key)
+            return
+        with self._lock:
+            if self.closed:
+                return
+            if self.max_pending is None or self._queue.qsize() < self.max_pending:
+                self._queue.put(change)
+                return
+            # fell max_pending changes behind: this change is the first it will not get; the
+            # consumer reads those queued (all before it, in order), then SubscriptionLagged
+            self.closed = True
+            self._lagged = SubscriptionLagged(change.revision, self.max_pending)
+            self._queue.put(_END)
         log.warning("txindex: %s", self._lagged)
+        self._notifier.remove(self)
 
 
 
