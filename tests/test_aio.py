@@ -12,9 +12,11 @@ import pytest
 
 import txindex
 from txindex import DB, Conflict, Transaction
+from txindex.backend import Put
 from txindex.server import EtcdServer
 
-from .models import MODELS, Counter, Node
+from .models import MODELS, Counter, Node, User
+from .test_local_apply import watcher_held
 
 
 @pytest.fixture
@@ -161,3 +163,37 @@ def test_atransact_sync_fn_retries_conflicts_and_returns(make_db: Callable[..., 
         run(db.atransact(always_conflicts, attempts=3))
     with pytest.raises(ValueError):
         run(db.atransact(fn, attempts=0))
+
+
+def test_a_cache_behind_the_last_commit_does_not_block_the_loop(
+    make_db: Callable[..., DB],
+) -> None:
+    """Our commit is kept behind another writer's revision the watch does not apply: the
+    first read waits for it in a worker thread, once, then raises ``Unavailable``; the loop
+    keeps ticking (the pin on the loop never waits the timeout a second time)."""
+    timeout = 0.5
+    db = make_db(timeout=timeout)
+    with watcher_held(db):
+        db._backend.txn([], [Put((db.prefix + "users/foreign").encode(), b'{"name": "f"}')])
+        with db.tx() as tx:
+            tx.put(User("mine"))  # kept: the store has not applied the foreign revision
+        assert db.revision < db._visible
+
+        async def main() -> tuple[float, float]:
+            hb = Heartbeat()
+            beat = asyncio.create_task(hb.run())
+            await asyncio.sleep(0.02)
+            start = time.perf_counter()
+            with pytest.raises(txindex.Unavailable):
+                async with db.aread():
+                    pass
+            took = time.perf_counter() - start
+            hb.stop()
+            await beat
+            return took, hb.max_gap
+
+        took, gap = run(main())
+    assert took < 1.8 * timeout, f"waited {took:.2f}s: twice the timeout"
+    assert gap < timeout / 2, f"event loop blocked for {gap * 1000:.0f} ms"
+    with db.read() as tx:  # the watch applied both once released
+        assert tx.get(User, "mine") == User("mine")

@@ -80,8 +80,15 @@ class AsyncTx:
 
 
 def _wait_visible(db: DB) -> None:
+    """Wait (in a worker thread) for the cache to reach this process's last commit; raises
+    ``Unavailable`` after ``db.timeout``, so that the pin on the loop never waits again."""
     db._watcher.nudge()
-    db._store.wait_for(db._visible, db.timeout)  # on timeout the pin raises Unavailable
+    visible = db._visible
+    if not db._store.wait_for(visible, db.timeout):
+        raise Unavailable(
+            f"cache has not caught up with this process's last commit (revision {visible}) "
+            f"within {db.timeout}s"
+        )
 
 
 async def atransact(
