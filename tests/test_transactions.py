@@ -408,3 +408,30 @@ def test_snapshot_query_returns_the_object_of_its_revision(make_db: MakeDB) -> N
         assert [n.ip for n in snap.range(Node.by_user_seen)] == ["ip-1"]
         assert snap.first(Node.by_ip, "ip-1") is not None and snap.first(Node.by_ip, "ip-2") is None
         assert snap.count(Node.by_user, "alice") == 1
+
+
+def test_an_interrupted_retry_gives_its_turn_back(make_db: MakeDB) -> None:
+    """A KeyboardInterrupt while a retry waits for the Txn in flight (txindex.turns) must not
+    leave the DB's turn taken: later transact calls would each wait for it."""
+    db = make_db()
+    wait_idle = db._group.wait_idle
+
+    def interrupted(timeout: float) -> None:
+        db._group.wait_idle = wait_idle  # type: ignore[method-assign]
+        raise KeyboardInterrupt
+
+    db._group.wait_idle = interrupted  # type: ignore[method-assign]
+    calls = [0]
+
+    def conflict_once(tx: txindex.Transaction) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise txindex.Conflict("forced: the retry takes the turn")
+        tx.put(Counter(3, 1))
+
+    with pytest.raises(KeyboardInterrupt):
+        db.transact(conflict_once)
+    assert not db._turns.busy()
+    db.transact(lambda tx: tx.put(Counter(3, 2)))
+    with db.read() as tx:
+        assert tx.get(Counter, 3) == Counter(3, 2)

@@ -113,14 +113,14 @@ class DB:
         delay = 0.002
         turns = self._turns
         for attempt in range(attempts):
-            if attempt:
-                time.sleep(delay * random.random())
-                delay = min(delay * 2, 0.25)
-                taken = turns.take()  # a retry goes next in this DB (txindex.turns)
-            else:
-                turns.first()
-                taken = False
+            taken = False
             try:
+                if attempt:
+                    time.sleep(delay * random.random())
+                    delay = min(delay * 2, 0.25)
+                    taken = turns.take()  # a retry goes next in this DB (txindex.turns)
+                else:
+                    turns.first()
                 with self.tx() as tx:
                     return fn(tx)
             except (Conflict, Unavailable):  # Unavailable: nothing was sent, or cache behind

@@ -52,7 +52,11 @@ class Turns:
         """Before a retry: take the turn, then let the Txn in flight land. True if the turn
         was taken (then :meth:`give` it back)."""
         got = self._gate.acquire(timeout=TURN_SECONDS)
-        self._group.wait_idle(TURN_SECONDS)
+        try:
+            self._group.wait_idle(TURN_SECONDS)
+        except BaseException:  # (KeyboardInterrupt): never leave the turn taken
+            self.give(got)
+            raise
         return got
 
     def give(self, taken: bool) -> None:
