@@ -9,7 +9,9 @@ without touching txindex code.
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 import threading
 import time
 from typing import Any
@@ -292,6 +294,29 @@ def test_compaction_behind_stalled_watch(
 
 
 # ---- 4. watch stream cut -------------------------------------------------------------------
+
+
+def test_reconnect_backoff_starts_over_after_a_working_stream(
+    raw: EtcdBackend, proxy: Proxy, dbs: list[DB], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each cut follows a stream that delivered events: every reconnect waits the first
+    backoff step again (it once kept doubling for the life of the process, up to 2 s)."""
+    db = open_db(dbs, proxy.endpoint)
+    caplog.set_level(logging.WARNING, logger="txindex")
+    rnd = random.Random(5)
+    for i in range(6):
+        rev = put_node(raw, make_node(i, rnd, i))
+        assert db.wait_for(rev, 10)  # the (new) stream works
+        proxy.cut()
+        deadline = time.monotonic() + 10
+        while db._watcher.stats.reconnects <= i:
+            assert time.monotonic() < deadline, "the cut did not break the stream"
+            time.sleep(0.01)
+    delays = [float(d) for d in re.findall(r"reconnecting in ([0-9.]+)s", caplog.text)]
+    assert len(delays) >= 6, caplog.text
+    assert max(delays) < 0.2, delays  # doubling would have reached 1.6 s by the sixth
+
+
 
 
 def test_watch_stream_cut_loses_nothing(

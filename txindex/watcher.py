@@ -155,6 +155,7 @@ class Watcher:
         self._count_lock = threading.Lock()
         self.batch_seconds = BATCH_SECONDS
         self._wake = threading.Event()  # ends a lazy pause: a thread waits for the store
+        self._streamed = False  # the current stream delivered a response (resets the backoff)
         self._eager_until = 0.0  # no lazy pause before this time.monotonic() (see nudge)
         self._backend = backend
         self._store = store
@@ -225,6 +226,8 @@ class Watcher:
             except Exception as exc:
                 if self._stopping.is_set():
                     break
+                if self._streamed:  # the stream that failed had worked: start over
+                    delay, self._streamed = 0.05, False
                 self.stats.reconnects += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("txindex: watch failed (%s); reconnecting in %.2fs", exc, delay)
@@ -284,6 +287,7 @@ class Watcher:
                     waiting = True
                     continue
                 waiting = False
+                self._streamed = True
                 if resp.events:
                     self._apply(resp.events)
                 elif resp.progress and self._observer is not None:  # hook: txindex.metrics
