@@ -291,3 +291,53 @@ def test_error_inside_transaction_leaves_no_trace(db: DB) -> None:
         _ = 1 / 0
     with db.read() as r:
         assert r.get(Counter, 5) is None
+
+
+_FLIP = {"on": True}  # what the impure index functions below read
+
+
+@txindex.model("flips/", key="id")
+@dataclass(frozen=True)
+class Flip:
+    id: str
+    color: str
+
+    by_color = txindex.Index("color", where=lambda f: _FLIP["on"])
+    painted = txindex.Index(lambda f: f.color if _FLIP["on"] else f.color.upper())
+
+
+@pytest.mark.parametrize("url", ["memory://", "etcd"])
+def test_impure_index_functions_never_wedge_the_watcher(
+    url: str, etcd_url: str, prefix: str
+) -> None:
+    """Index functions and ``where=`` predicates must be pure; one that reads outside state
+    (the clock, a global) gives an object other keys than it is indexed under. The store
+    re-indexes the object, drops items of objects that are gone, counts it, and goes on:
+    the watcher keeps applying and queries never fail."""
+    db = txindex.open(etcd_url if url == "etcd" else url, models=[Flip], prefix=prefix)
+    try:
+        _FLIP["on"] = True
+        with db.tx() as tx:
+            tx.put(Flip("a", "red"))
+        _FLIP["on"] = False  # from now on both functions answer otherwise
+        with db.tx() as tx:
+            tx.put(Flip("a", "blue"))  # painted: "RED" is not what it holds ("red")
+            tx.put(Flip("b", "green"))  # by_color: not indexed
+        _FLIP["on"] = True
+        with db.tx() as tx:
+            tx.delete(Flip, "a")  # by_color still holds a stale "red" item of it
+            tx.delete(Flip, "b")  # now "matches" an index it was never put into
+        with db.read() as r:
+            assert r.find(Flip.by_color, "red") == []  # the stale item is dropped
+            assert r.find(Flip.painted, "blue") == []
+        with db.tx() as tx:  # the watcher applied everything and goes on
+            tx.put(Flip("c", "red"))
+        assert db.wait_for(db._visible, 10) and db._watcher.alive
+        with db.read() as r:
+            assert r.find(Flip.by_color, "red") == [Flip("c", "red")]
+        for index in (Flip.by_color, Flip.painted):  # exactly c's items are left
+            assert [(pk, obj) for _, pk, obj in db.index_items(index)] == [("c", Flip("c", "red"))]
+        assert db.stats()["index_repairs"] >= 2
+    finally:
+        _FLIP["on"] = True
+        db.close()

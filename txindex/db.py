@@ -203,6 +203,7 @@ class DB:
             "resyncs": s.resyncs,
             "events": s.events,
             "local_applies": s.local_applies,
+            "index_repairs": self._store.index_repairs,
             "group_txns": self._group.groups,
             "grouped_commits": self._group.grouped,
             "watcher_alive": self._watcher.alive,

@@ -112,6 +112,7 @@ class Store:
     def __init__(self, models: Sequence[ModelInfo]) -> None:
         self.models = tuple(models)
         self.revision = 0
+        self.index_repairs = 0  # items re-indexed after an impure index function (_repair)
         self._tables: dict[ModelInfo, dict[Any, Entry]] = {info: {} for info in self.models}
         self._routes = self._route_table()
         self._history: dict[str, tuple[tuple[int, Entry | None], ...]] = {}
@@ -236,12 +237,11 @@ class Store:
             need = None if limit is None else limit + len(hidden)
             ki = self._indexes[index]
             table = self._tables[self._model_of[index]]
-            key = equality_key(lo, hi)
-            if key is not None:  # one key: one dict probe
-                items = [(key, pk, table[pk]) for pk in ki.get(key, reverse, need)]
-            else:
-                keys, pks = ki.columns(lo, hi, reverse, need)
-                items = list(zip(keys, pks, map(table.__getitem__, pks), strict=True))
+            try:
+                items = _fetch(ki, table, lo, hi, reverse, need)
+            except KeyError:  # an item of an object that is gone (see _drop_stale)
+                self._drop_stale(index, ki, table)
+                items = _fetch(ki, table, lo, hi, reverse, need)
             if not hidden and not shown:
                 return items
             items = [it for it in items if (it[0], it[1]) not in hidden]
@@ -270,7 +270,10 @@ class Store:
                 else:
                     pks = ki.columns(lo, hi, reverse, limit)[1]
                 table = self._tables[self._model_of[index]]
-                return list(map(_VALUE, map(table.__getitem__, pks)))
+                try:
+                    return list(map(_VALUE, map(table.__getitem__, pks)))
+                except KeyError:  # an item of an object that is gone (see _drop_stale)
+                    self._drop_stale(index, ki, table)
         return [it[2].value for it in self.query(index, lo, hi, revision, reverse=reverse,
                                                  limit=limit)]
 
@@ -447,12 +450,15 @@ class Store:
                     old, new = index_keys(idx, before), index_keys(idx, after)
                 if old == new:
                     continue
-                for k in old:
-                    if k not in new:
-                        ki.remove(k, pk)
-                for k in new:
-                    if k not in old:
-                        ki.add(k, pk)
+                try:
+                    for k in old:
+                        if k not in new:
+                            ki.remove(k, pk)
+                    for k in new:
+                        if k not in old:
+                            ki.add(k, pk)
+                except (KeyError, ValueError):
+                    self._repair(idx, ki, pk, new)
         if after is None:
             del table[pk]
         else:
@@ -462,14 +468,51 @@ class Store:
     def _index(self, entry: Entry) -> None:
         pk = entry.pk
         for idx, extract, ki, _ in self._plans[entry.info]:
-            for k in _keys(idx, extract, entry):
-                ki.add(k, pk)
+            keys = _keys(idx, extract, entry)
+            try:
+                for k in keys:
+                    ki.add(k, pk)
+            except ValueError:
+                self._repair(idx, ki, pk, keys)
 
     def _unindex(self, entry: Entry) -> None:
         pk = entry.pk
         for idx, extract, ki, _ in self._plans[entry.info]:
-            for k in _keys(idx, extract, entry):
+            try:
+                for k in _keys(idx, extract, entry):
+                    ki.remove(k, pk)
+            except KeyError:
+                self._repair(idx, ki, pk, ())
+
+    def _drop_stale(self, index: Index[Any], ki: KeyIndex, table: dict[Any, Entry]) -> None:
+        """Drop the items of objects that are gone: left by an index function or ``where=``
+        predicate that is not a pure function of the object (an object deleted when it no
+        longer gave the keys it was indexed under). Logged and counted (``index_repairs``).
+        Caller holds the lock. O(n) for n items of the index."""
+        stale = [(k, pk) for k, pk in ki.scan(None, None) if pk not in table]
+        self.index_repairs += len(stale)
+        log.warning(
+            "%s: dropped %d items of deleted objects (index functions must be pure)",
+            index.qualname, len(stale),
+        )
+        for k, pk in stale:
+            ki.remove(k, pk)
+
+    def _repair(self, index: Index[Any], ki: KeyIndex, pk: Any, keys: Sequence[Any]) -> None:
+        """The index's function or ``where=`` predicate gave an object other keys than it is
+        indexed under (it is not a pure function of the object: it reads the clock, say):
+        index ``pk`` under ``keys`` alone, whatever it held before. Logged and counted
+        (``index_repairs``); the apply goes on. O(n) for n items of the index."""
+        self.index_repairs += 1
+        log.warning(
+            "%s: the index function or where= predicate gave %r other keys than it is "
+            "indexed under; re-indexed it (index functions must be pure)", index.qualname, pk,
+        )
+        for k, p in ki.scan(None, None):
+            if p == pk:
                 ki.remove(k, pk)
+        for k in keys:
+            ki.add(k, pk)
 
     def _trim(self) -> None:
         low = min(self._pins) if self._pins else self.revision
@@ -516,6 +559,18 @@ def _field_getter(index: Index[Any]) -> Callable[[Any], Any] | None:
     if not index.bare or index.computed or index.where is not None:
         return None
     return operator.attrgetter(*index.fields)
+
+
+def _fetch(
+    ki: KeyIndex, table: dict[Any, Entry], lo: Any, hi: Any, reverse: bool, limit: int | None
+) -> list[IndexItem]:
+    """The latest items in ``[lo, hi)`` with their entries; ``KeyError`` for an item whose
+    object is gone. O(log k + m) (one dict probe + m for one key)."""
+    key = equality_key(lo, hi)
+    if key is not None:  # one key: one dict probe
+        return [(key, pk, table[pk]) for pk in ki.get(key, reverse, limit)]
+    keys, pks = ki.columns(lo, hi, reverse, limit)
+    return list(zip(keys, pks, map(table.__getitem__, pks), strict=True))
 
 
 def _keys(index: Index[Any], extract: Callable[[Any], tuple[Any, ...]], entry: Entry) -> Any:
