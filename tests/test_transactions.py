@@ -11,6 +11,7 @@ import pytest
 
 import txindex
 from txindex import DB
+from txindex.server import EtcdServer
 
 from .models import Counter, Node, User
 
@@ -435,3 +436,23 @@ def test_an_interrupted_retry_gives_its_turn_back(make_db: MakeDB) -> None:
     db.transact(lambda tx: tx.put(Counter(3, 2)))
     with db.read() as tx:
         assert tx.get(Counter, 3) == Counter(3, 2)
+
+
+def test_the_empty_prefix_works_on_a_real_etcd(server: EtcdServer) -> None:
+    """``prefix=""`` (the default) is every key: etcd refuses the empty key, so the load and
+    the watch start at "\\0". A commit is loaded by a later DB and watched by another."""
+    first = txindex.open(server.url, models=[Node, User, Counter])
+    watching = txindex.open(server.url, models=[Node, User, Counter])
+    try:
+        with first.tx() as tx:
+            tx.put(User("u1", "red"))
+        assert watching.wait_for(first._visible, 10)
+        with watching.read() as r:
+            assert r.get(User, "u1") == User("u1", "red")
+        later = txindex.open(server.url, models=[Node, User, Counter])
+        with later.read() as r:
+            assert r.find(User.by_team, "red") == [User("u1", "red")]
+        later.close()
+    finally:
+        first.close()
+        watching.close()

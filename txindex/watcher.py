@@ -159,7 +159,8 @@ class Watcher:
         self._eager_until = 0.0  # no lazy pause before this time.monotonic() (see nudge)
         self._backend = backend
         self._store = store
-        self._start = prefix.encode()
+        # the empty prefix is every key: etcd refuses the empty key, so from "\0" to the end
+        self._start = prefix.encode() or b"\x00"
         self._end = prefix_end(self._start) if prefix else b"\x00"
         self._decoder = Decoder(prefix, store.models, self.stats, observer)
         self._page_size = page_size
