@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -133,3 +134,29 @@ def test_unique_index_tolerates_clashes_written_by_other_tools(make_db: Callable
     with db.read() as tx:
         assert [n.id for n in tx.find(Node.by_ip, "10.9.9.9")] == ["b"]
     assert [pk for _, pk, _ in db._store.index_items(Node.by_ip)] == ["b"]
+
+
+class _Role(str, enum.Enum):  # noqa: UP042 (the classic "str enum": str() gives "_Role.ADMIN")
+    ADMIN = "admin"
+    USER = "user"
+
+
+@txindex.model("members/", key="id")
+@dataclass(frozen=True)
+class _Member:
+    id: str
+    role: _Role
+    by_role = Index("role")
+
+
+def test_a_str_enum_field_is_indexed_by_its_value(make_db: Callable[..., DB]) -> None:
+    db = make_db(models=[_Member])
+    admin, user = _Member("m1", _Role.ADMIN), _Member("m2", _Role.USER)
+    with db.tx() as tx:
+        tx.put(admin)
+        tx.put(user)
+    with db.read() as r:
+        assert r.find(_Member.by_role, "admin") == [admin]
+        assert r.find(_Member.by_role, _Role.ADMIN) == [admin]
+        assert r.prefix(_Member.by_role, "us") == [user]
+        assert list(r.range(_Member.by_role, "a", "b")) == [admin]

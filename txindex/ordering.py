@@ -183,7 +183,7 @@ def _sort_key_slow(value: Any) -> tuple[Any, ...]:
             raise UnorderableValue(f"value {value!r} (NaN) cannot be ordered")
         return (RANK_NUMBER, float(value))
     if isinstance(value, str):
-        return (RANK_STR, str(value))
+        return (RANK_STR, str.__str__(value))  # (str, Enum): its value, not "Cls.NAME"
     if isinstance(value, bytes):
         return (RANK_BYTES, bytes(value))
     if isinstance(value, tuple):
