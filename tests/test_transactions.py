@@ -241,6 +241,12 @@ def test_misuse_gives_clear_errors(make_db: MakeDB) -> None:
             tx2.get(User, 5)
         with pytest.raises(txindex.ModelError):
             tx2.get(dict, "x")
+        surrogate = "file-\udcff"  # (from a surrogateescape-decoded name): no UTF-8 key
+        with pytest.raises(txindex.ModelError, match="not valid Unicode"):
+            tx2.put(User(surrogate))
+        with pytest.raises(txindex.ModelError, match="not valid Unicode"):
+            tx2.delete(User, surrogate)
+        tx2.put(User("ünïcode-✓"))  # any valid text is a key
     with db.read() as rtx, pytest.raises(txindex.ModelError, match="read-only"):
         rtx.put(User("w"))
 

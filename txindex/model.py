@@ -95,7 +95,15 @@ class ModelInfo:
         if self.key_type is str:
             if not pk:
                 raise ModelError(f"{self.name} key must be a non-empty str")
-            return typing.cast(str, pk)
+            text = typing.cast(str, pk)
+            if not text.isascii():  # (O(1) for an ASCII str) etcd keys are UTF-8 bytes
+                try:
+                    text.encode()
+                except UnicodeEncodeError as exc:
+                    raise ModelError(
+                        f"{self.name} key {pk!r} is not valid Unicode text: {exc.reason}"
+                    ) from None
+            return text
         return str(pk)
 
     def pk_from_suffix(self, s: str) -> str | int:
