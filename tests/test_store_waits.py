@@ -43,3 +43,30 @@ def test_waits_time_out_and_pin_raises() -> None:
     store.advance(5)  # the stale gates left by the timed-out waits are opened and dropped
     assert store._waiters == []
     assert store.pin(5, timeout=0) == 5
+
+
+def test_close_wakes_every_waiter_with_closed() -> None:
+    from txindex import Closed
+
+    store = Store([])
+    raised: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            store.wait_for(100, timeout=30)
+        except BaseException as exc:  # inspected below
+            raised.append(exc)
+
+    threads = [threading.Thread(target=wait) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while len(store._waiters) < 3:
+        threading.Event().wait(0.005)
+    store.close()
+    for t in threads:
+        t.join(timeout=5)
+        assert not t.is_alive(), "a waiter slept on after close"
+    assert len(raised) == 3 and all(isinstance(e, Closed) for e in raised)
+    with pytest.raises(Closed):
+        store.wait_for(100, timeout=30)  # and later waits do not block either
+    assert store.wait_for(0, timeout=0)  # a revision already applied is no wait

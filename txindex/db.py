@@ -183,7 +183,8 @@ class DB:
         return self._store.revision
 
     def wait_for(self, revision: int, timeout: float | None = None) -> bool:
-        """Block until the cache has applied ``revision``; False on timeout."""
+        """Block until the cache has applied ``revision``; False on timeout, ``Closed`` if the
+        DB is (or gets) closed."""
         self._watcher.nudge()
         return self._store.wait_for(revision, self.timeout if timeout is None else timeout)
 
@@ -220,6 +221,7 @@ class DB:
         if self._closed:
             return
         self._closed = True
+        self._store.close()  # threads waiting for a revision raise Closed
         self._watcher.stop()
         if self._notifier is not None:  # hook: txindex.notify (iterators end)
             self._notifier.close()

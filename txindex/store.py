@@ -34,7 +34,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DecodeError, UnorderableValue
+from .errors import Closed, DecodeError, UnorderableValue
 from .fences import equality_key
 from .index import Index
 from .keyindex import KeyIndex
@@ -112,6 +112,7 @@ class Store:
     def __init__(self, models: Sequence[ModelInfo]) -> None:
         self.models = tuple(models)
         self.revision = 0
+        self._closed = False  # by close(): waits raise Closed
         self.index_repairs = 0  # items re-indexed after an impure index function (_repair)
         self._tables: dict[ModelInfo, dict[Any, Entry]] = {info: {} for info in self.models}
         self._routes = self._route_table()
@@ -159,16 +160,28 @@ class Store:
                     self._trim()
 
     def wait_for(self, revision: int, timeout: float | None) -> bool:
-        """Block until the applied revision reaches ``revision``; False on timeout."""
+        """Block until the applied revision reaches ``revision``; False on timeout, ``Closed``
+        once :meth:`close` was called."""
         with self._lock:
             return self._wait(revision, timeout)
+
+    def close(self) -> None:
+        """Wake every thread waiting for a revision; their waits (and later ones) raise
+        ``Closed``. O(w) for w waiting threads."""
+        with self._lock:
+            self._closed = True
+            for _, _, gate in self._waiters:
+                gate.release()
+            self._waiters.clear()
 
     def _wait(self, revision: int, timeout: float | None) -> bool:
         """Wait (the caller holds the lock; it is released meanwhile) until the applied
         revision reaches ``revision``; False on timeout. Woken once, by the apply that gets
-        there (:meth:`_wake`). O(log w) for w waiting threads."""
+        there (:meth:`_wake`) or by :meth:`close`. O(log w) for w waiting threads."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.revision < revision:
+            if self._closed:
+                raise Closed("database is closed")
             remaining = -1.0 if deadline is None else deadline - time.monotonic()
             if deadline is not None and remaining <= 0:
                 return False
