@@ -226,6 +226,50 @@ def test_model_prefix_without_slash() -> None:
         txindex.model("bad", key="id")
 
 
+def test_an_index_on_values_that_cannot_be_ordered_is_refused_at_declaration() -> None:
+    """A plain Enum, a Flag, a nested dataclass or a set cannot be ordered: refused when the
+    model is declared (every put would fail), naming the index and field; IntEnum, StrEnum
+    and tuples of orderable values are fine."""
+    import enum
+
+    class Color(enum.Enum):
+        RED = 1
+
+    class Perm(enum.Flag):
+        R = 1
+
+    class Level(enum.IntEnum):
+        LOW = 1
+
+    @dataclass(frozen=True)
+    class Inner:
+        x: int
+
+    bad: list[tuple[Any, bool]] = [
+        (Color, False), (Perm, False), (Inner, False), (frozenset[int], False),
+        (Color | None, False), (tuple[int, Color], False), (tuple[Color, ...], True),
+    ]
+    for annotation, multi in bad:
+        with pytest.raises(ModelError, match=r"M\.idx: field 'f' holds .* cannot be ordered"):
+            txindex.model("m/", key="id")(
+                dataclass(frozen=True)(
+                    type("M", (), {
+                        "__annotations__": {"id": str, "f": annotation},
+                        "idx": txindex.Index("f", multi=multi),
+                    })
+                )
+            )
+    for annotation, multi in [(Level, False), (tuple[int, str], False), (frozenset[int], True)]:
+        txindex.model("m/", key="id")(
+            dataclass(frozen=True)(
+                type("M", (), {
+                    "__annotations__": {"id": str, "f": annotation},
+                    "idx": txindex.Index("f", multi=multi),
+                })
+            )
+        )
+
+
 def test_model_prefix_reserved_for_txindex() -> None:
     """The sync key lives at ``<db prefix>__txindex__/sync``: no model may claim it."""
     for bad in ("__txindex__/", "__txindex__/sync/"):

@@ -21,7 +21,9 @@ from __future__ import annotations
 import collections
 import collections.abc
 import dataclasses
+import enum
 import itertools
+import types
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -260,6 +262,14 @@ def model(prefix: str, *, key: str) -> Callable[[type[T]], type[T]]:
                         f"{value.qualname} names {f!r}, which is not a field of {name} "
                         f"(fields: {list(fields)})"
                     )
+            for f in value.fields:
+                bad = _unorderable(hints[f], value.multi)
+                if bad is not None:
+                    raise ModelError(
+                        f"{value.qualname}: field {f!r} holds {_type_name(bad)} values, which "
+                        "cannot be ordered; index something orderable computed from it, e.g. "
+                        f"Index(lambda o: o.{f}.value) for an enum"
+                    )
             value.bind(hints)
             indexes.append(value)
         codec = Codec(cls) if adapter is None else codec_for(adapter, cls)  # hook: adapters
@@ -268,6 +278,34 @@ def model(prefix: str, *, key: str) -> Callable[[type[T]], type[T]]:
         return cls
 
     return decorate
+
+
+def _unorderable(tp: Any, multi: bool) -> Any:
+    """The type in annotation ``tp`` whose values an index cannot order (a plain ``Enum`` or
+    ``Flag``, a nested dataclass, a set), or ``None``; for a ``multi`` index, the elements'.
+    Unions are checked member by member; ``Any`` and unknown forms pass (checked at put)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if multi:
+        if origin in (tuple, frozenset) and args:
+            return _unorderable(args[0], False)
+        return None
+    if origin in (typing.Union, types.UnionType):
+        return next((b for b in (_unorderable(a, False) for a in args) if b is not None), None)
+    if origin is tuple:
+        return next(
+            (b for b in (_unorderable(a, False) for a in args if a is not Ellipsis) if b),
+            None,
+        )
+    if origin is frozenset:
+        return tp
+    if not isinstance(tp, type):
+        return None
+    if issubclass(tp, enum.Enum) and not issubclass(tp, (int, str, float, bytes)):
+        return tp
+    if dataclasses.is_dataclass(tp) or issubclass(tp, frozenset):
+        return tp
+    return None
 
 
 def _recreated_by_dataclass(old: type[Any] | None, cls: type[Any]) -> bool:
