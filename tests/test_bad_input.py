@@ -319,14 +319,27 @@ def test_primary_key_of_wrong_type(db: DB) -> None:
         r.get(Counter, "not-an-int")
 
 
-def test_negative_range_limit(db: DB) -> None:
-    with db.read() as r, pytest.raises(ValueError):
-        r.range(Node.by_user, limit=-1)
+def test_bad_range_limits(db: DB) -> None:
+    for bad in (-1, 1.5, "2", True):
+        with db.read() as r, pytest.raises(ValueError, match="limit"):
+            r.range(Node.by_user, limit=bad)  # type: ignore[arg-type]
 
 
-def test_transact_with_zero_attempts(db: DB) -> None:
-    with pytest.raises(ValueError):
-        db.transact(lambda tx: None, attempts=0)
+def test_bad_transact_attempts(db: DB) -> None:
+    for bad in (0, "3", 2.0, True):
+        with pytest.raises(ValueError, match="attempts"):
+            db.transact(lambda tx: None, attempts=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"prefix": None}, {"prefix": "p\udcff/"}, {"max_txn_ops": 0}, {"max_txn_ops": "128"},
+     {"max_request_bytes": -1}, {"timeout": 0}, {"timeout": "10"}],
+)
+def test_bad_open_options_are_refused_up_front(option: dict[str, Any]) -> None:
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=name):
+        txindex.open("memory://", models=MODELS, **option)
 
 
 def test_error_inside_transaction_leaves_no_trace(db: DB) -> None:

@@ -98,8 +98,8 @@ async def atransact(
     whole ``fn`` on ``Conflict`` (and ``Unavailable``) with jittered exponential backoff
     (``asyncio.sleep``), at most ``attempts`` times. ``CommitUnknown`` propagates. A retry
     takes the DB's retry turn when it is free (:mod:`txindex.turns`)."""
-    if attempts < 1:
-        raise ValueError("attempts must be >= 1")
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ValueError(f"attempts must be an int >= 1, got {attempts!r}")
     delay = 0.002
     turns = db._turns
     for attempt in range(attempts):

@@ -59,6 +59,7 @@ class DB:
         visibility_key: str | None = None,
         on_load_progress: Callable[[int], object] | None = None,
     ) -> None:
+        _check_options(prefix, max_txn_ops, max_request_bytes, max_rounds, timeout)
         infos = [info_of(m) for m in models]
         if not infos:
             raise ModelError("open() needs at least one model")
@@ -108,8 +109,8 @@ class DB:
         backoff, at most ``attempts`` times. A retry goes next among this DB's ``transact``
         calls (:mod:`txindex.turns`), so a hot key does not starve a thread.
         ``CommitUnknown`` is never retried blindly; it propagates."""
-        if attempts < 1:
-            raise ValueError("attempts must be >= 1")
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"attempts must be an int >= 1, got {attempts!r}")
         delay = 0.002
         turns = self._turns
         for attempt in range(attempts):
@@ -273,6 +274,30 @@ class DB:
         self._watcher.nudge()
         if not self._store.wait_for(revision, self.timeout):
             raise Conflict(f"cache did not reach revision {revision} to re-validate")
+
+
+def _check_options(
+    prefix: object, max_txn_ops: object, max_request_bytes: object, max_rounds: object,
+    timeout: object,
+) -> None:
+    """Refuse option values that would fail later in obscure ways (``ValueError``)."""
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix must be a str, got {prefix!r}")
+    try:
+        prefix.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"prefix {prefix!r} is not valid Unicode text") from None
+    # the sync key and a model fence must fit beside one write
+    for name, value, least in (
+        ("max_txn_ops", max_txn_ops, 4), ("max_request_bytes", max_request_bytes, 1024),
+        ("max_rounds", max_rounds, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        raise ValueError(f"timeout must be a positive number or None, got {timeout!r}")
 
 
 _OPEN: weakref.WeakSet[DB] = weakref.WeakSet()

@@ -174,8 +174,10 @@ class Transaction:
     ) -> Iterator[M]:
         """Objects whose ``index`` key lies in ``[lo, hi)`` (``None`` = unbounded), in order
         (``reverse`` for descending), at most ``limit``. O(log n + m)."""
-        if limit is not None and limit < 0:
-            raise ValueError("limit must be >= 0")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+        ):
+            raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
         blo, bhi = index.range_bounds(lo, hi)
         return iter(self._objects(index, blo, bhi, reverse, limit))
 
