@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from txindex.backend import (
     open_backend,
     prefix_end,
 )
-from txindex.errors import Closed, Unavailable, WatchBroken
+from txindex.errors import Closed, DirectoryInUse, Unavailable, WatchBroken
 from txindex.server import EtcdCluster, EtcdServer, free_port, port_is_free
 
 
@@ -86,6 +89,57 @@ def test_file_url_persists_across_reopen(tmp_path: Path) -> None:
     finally:
         second.close()
         second.close()  # idempotent
+
+
+def test_file_url_serves_one_db_at_a_time(tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'db'}"
+    first = open_backend(url)
+    try:
+        with pytest.raises(DirectoryInUse, match="another open txindex DB"):
+            open_backend(url)
+    finally:
+        first.close()
+    second = open_backend(url)  # free again once the first is closed
+    second.close()
+
+
+def test_file_url_reopens_after_its_process_was_killed(tmp_path: Path) -> None:
+    """A process killed with its file:// DB open leaves its etcd running (it has its own
+    session); the next open stops that etcd and serves the directory again."""
+    directory = tmp_path / "db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time; from txindex.backend import Put, open_backend; "
+            f"b = open_backend('file://{directory}'); "
+            "b.txn([], [Put(b'crash/k', b'v')]); print('up', flush=True); time.sleep(60)"
+        )],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "up"
+        saved = json.loads((directory / "txindex-ports.json").read_text())
+        child.kill()
+        child.wait()
+        assert _alive(saved["pid"]), "the child's etcd should outlive it"
+        again = open_backend(f"file://{directory}", start_timeout=20)
+        try:
+            (kv,) = again.range(b"crash/k", b"").kvs
+            assert kv.value == b"v"
+            assert not _alive(saved["pid"])
+        finally:
+            again.close()
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def test_large_watch_batch_beyond_4mib(etcd_backend: EtcdBackend, prefix: str) -> None:

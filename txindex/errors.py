@@ -95,5 +95,10 @@ class SubscriptionLagged(TxIndexError):
         self.max_pending = max_pending
 
 
+class DirectoryInUse(TxIndexError):
+    """A ``file://`` directory is already served by another open DB (in this process or
+    another): one DB at a time serves a directory."""
+
+
 class WatchBroken(TxIndexError):
     """A watch stream ended or failed; the watcher reconnects."""

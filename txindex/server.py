@@ -450,20 +450,103 @@ class EmbeddedEtcd(EtcdServer):
 
     Ports are stored in ``directory/txindex-ports.json`` and reused on reopen when still free
     (otherwise fresh ones are chosen and stored); the data lives in ``directory`` itself, so it
-    survives close and reopen. Two processes must not open the same directory at once.
+    survives close and reopen. One DB at a time serves a directory: it holds an exclusive
+    lock on ``directory/txindex.lock`` (released by close, or by the OS when its process
+    dies), and a second open raises :class:`~txindex.errors.DirectoryInUse`. An etcd that a
+    killed process left running on the directory (its pid is stored with the ports) is
+    stopped before a new one starts.
     """
 
     def __init__(self, directory: str | Path, **kwargs: Any) -> None:
         directory = Path(directory).resolve()
         directory.mkdir(parents=True, exist_ok=True)
-        ports_file = directory / PORTS_FILE
-        client = peer = None
+        self._lock_file = _lock_directory(directory)
         try:
-            saved = json.loads(ports_file.read_text())
-            c, p = int(saved["client"]), int(saved["peer"])
-            if c != p and port_is_free(c) and port_is_free(p):
-                client, peer = c, p
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        super().__init__(directory, client_port=client, peer_port=peer, **kwargs)
-        ports_file.write_text(json.dumps({"client": self.client_port, "peer": self.peer_port}))
+            ports_file = directory / PORTS_FILE
+            client = peer = None
+            try:
+                saved = json.loads(ports_file.read_text())
+                _stop_orphan(saved.get("pid"), directory)
+                c, p = int(saved["client"]), int(saved["peer"])
+                if c != p and port_is_free(c) and port_is_free(p):
+                    client, peer = c, p
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                pass
+            super().__init__(directory, client_port=client, peer_port=peer, **kwargs)
+            self._ports_file = ports_file
+            self._save(None)
+        except BaseException:
+            self._lock_file.close()
+            raise
+
+    def _save(self, pid: int | None) -> None:
+        self._ports_file.write_text(
+            json.dumps({"client": self.client_port, "peer": self.peer_port, "pid": pid})
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start etcd (stopping it again if it does not serve in time) and record its pid."""
+        try:
+            super().start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self._save(self.pid)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop etcd and release the directory. Idempotent."""
+        try:
+            super().stop(timeout)
+        finally:
+            if not self._lock_file.closed:
+                self._save(None)
+                self._lock_file.close()
+
+
+def _lock_directory(directory: Path) -> IO[str]:
+    """An exclusive, non-blocking ``flock`` on ``directory/txindex.lock``, held while the
+    returned file stays open; ``DirectoryInUse`` if another open DB holds it."""
+    import fcntl
+
+    from txindex.errors import DirectoryInUse
+
+    f = (directory / "txindex.lock").open("a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise DirectoryInUse(
+            f"{directory} is served by another open txindex DB (file:// takes one at a time; "
+            "share that DB, or close it first)"
+        ) from None
+    return f
+
+
+def _stop_orphan(pid: object, directory: Path) -> None:
+    """Stop the etcd ``pid`` if it still runs on ``directory``: left by a process that died
+    without closing its DB (we hold the directory's lock, so no open DB owns it)."""
+    if not isinstance(pid, int):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if not any(Path(a.decode(errors="replace")).name == "etcd" for a in cmdline[:1]) or (
+        str(directory).encode() not in b" ".join(cmdline)
+    ):
+        return  # not an etcd of this directory (the pid was reused)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _running(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an exited child its parent has not reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
