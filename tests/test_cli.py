@@ -45,3 +45,29 @@ def test_stats_and_query(etcd_url: str, prefix: str) -> None:
     ranged = run_cli("query", *model, "--index", "Node.by_user_seen", "--lo", '["alice", 2]',
                      "--hi", '["bob", 9]')
     assert [json.loads(line)["id"] for line in ranged.stdout.splitlines()] == ["c", "b"]
+
+
+def test_bad_arguments_get_one_line_before_any_load() -> None:
+    """Checked before the database is opened (the URL here serves nothing): one line on
+    stderr, exit status non-zero, no traceback."""
+    model = ["--url", "etcd://127.0.0.1:1", "--model", "tests.models:Node"]
+    cases = {
+        ("--index", "Node.by_user", "--key", "alice"): "is not JSON",
+        ("--index", "Node.nope", "--key", '"x"'): "has no index 'nope'",
+        ("--index", "Node.user", "--key", '"x"'): "has no index 'user'",
+        ("--index", "Node.by_user", "--key", "NaN"): "cannot be ordered",
+        ("--index", "Node.by_user", "--limit", "-1"): "must be >= 0",
+        ("--index", "Node.by_user", "--key", '"a"', "--lo", '"a"'): "one or the other",
+    }
+    for args, message in cases.items():
+        done = run_cli("query", *model, *args)
+        assert done.returncode != 0, args
+        assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+    missing = run_cli("stats", "--url", "etcd://127.0.0.1:1", "--model", "tests.models:Nope")
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr, missing.stderr
+
+
+def test_python_dash_m_txindex_is_the_cli() -> None:
+    done = subprocess.run([sys.executable, "-m", "txindex", "--help"], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0 and "demo" in done.stdout, done.stderr

@@ -7,6 +7,7 @@ goes to stderr (``--progress`` / ``--no-progress``; default: only when stderr is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -45,12 +46,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo_module.run(args.dir, args.nodes)
         return 0
     models = [_load(spec) for spec in args.model]
+    plan = _plan(models, args) if args.command == "query" else None  # checked before the load
     show = sys.stderr.isatty() if args.progress is None else args.progress
-    with _open(args.url, models, args.prefix, LoadProgress(sys.stderr) if show else None) as db:
-        if args.command == "stats":
-            print(json.dumps(db.stats(), indent=2, sort_keys=True))
-        else:
-            _query(db, models, args)
+    try:
+        progress = LoadProgress(sys.stderr) if show else None
+        with _open(args.url, models, args.prefix, progress) as db:
+            if plan is None:
+                print(json.dumps(db.stats(), indent=2, sort_keys=True))
+            else:
+                _query(db, plan)
+    except (txindex.TxIndexError, ValueError) as exc:  # one line, no traceback
+        raise SystemExit(f"txindex: {type(exc).__name__}: {exc}") from None
     return 0
 
 
@@ -129,29 +135,73 @@ def _load(spec: str) -> type[Any]:
     module, _, name = spec.partition(":")
     if not name:
         raise SystemExit(f"--model {spec!r}: expected pkg.module:Class")
-    cls: type[Any] = getattr(importlib.import_module(module), name)
+    try:
+        cls: type[Any] = getattr(importlib.import_module(module), name)
+        info_of(cls)
+    except (ImportError, AttributeError, txindex.ModelError) as exc:
+        raise SystemExit(f"--model {spec!r}: {exc}") from None
     return cls
 
 
-def _query(db: txindex.DB, models: list[type[Any]], args: argparse.Namespace) -> None:
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    index: txindex.Index[Any]
+    key: Any  # _NONE: no --key (a range)
+    lo: Any
+    hi: Any
+    limit: int | None
+
+
+_NONE: Any = object()
+
+
+def _plan(models: list[type[Any]], args: argparse.Namespace) -> _Plan:
+    """The query the arguments ask for, checked before the (possibly long) load."""
     cls_name, _, index_name = args.index.partition(".")
     by_name = {m.__name__: m for m in models}
     if cls_name not in by_name or not index_name:
         raise SystemExit(f"--index {args.index!r}: expected Class.index of a --model class")
-    index = getattr(by_name[cls_name], index_name)
-    with db.read() as tx:
-        if args.key is not None:
-            objs: Any = tx.find(index, _value(args.key))
+    info = info_of(by_name[cls_name])
+    index = next((i for i in info.indexes if i.name == index_name), None)
+    if index is None:
+        raise SystemExit(
+            f"--index {args.index!r}: {cls_name} has no index {index_name!r} "
+            f"(indexes: {', '.join(i.name for i in info.indexes) or 'none'})"
+        )
+    if args.key is not None and (args.lo is not None or args.hi is not None):
+        raise SystemExit("--key finds one index key; --lo/--hi give a range: use one or the other")
+    if args.limit is not None and args.limit < 0:
+        raise SystemExit(f"--limit {args.limit}: must be >= 0")
+    key = _NONE if args.key is None else _value("--key", args.key)
+    lo = None if args.lo is None else _value("--lo", args.lo)
+    hi = None if args.hi is None else _value("--hi", args.hi)
+    try:
+        if key is _NONE:
+            index.range_bounds(lo, hi)
         else:
-            lo = None if args.lo is None else _value(args.lo)
-            hi = None if args.hi is None else _value(args.hi)
-            objs = tx.range(index, lo, hi, limit=args.limit)
+            index.eq_bounds(key)
+    except (txindex.TxIndexError, TypeError, ValueError) as exc:
+        raise SystemExit(f"--index {args.index}: {exc}") from None
+    return _Plan(index, key, lo, hi, args.limit)
+
+
+def _query(db: txindex.DB, plan: _Plan) -> None:
+    with db.read() as tx:
+        if plan.key is not _NONE:
+            objs: Any = tx.find(plan.index, plan.key)[: plan.limit]
+        else:
+            objs = tx.range(plan.index, plan.lo, plan.hi, limit=plan.limit)
         for obj in objs:
             sys.stdout.write(info_of(obj).encode(obj).decode() + "\n")
 
 
-def _value(text: str) -> Any:
-    value = json.loads(text)
+def _value(option: str, text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise SystemExit(
+            f"{option} {text!r} is not JSON (a string needs quotes: {option} '\"{text}\"')"
+        ) from None
     return tuple(value) if isinstance(value, list) else value
 
 
