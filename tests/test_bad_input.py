@@ -398,3 +398,14 @@ def test_impure_index_functions_never_wedge_the_watcher(
     finally:
         _FLIP["on"] = True
         db.close()
+
+
+def test_a_query_on_something_that_is_not_an_index(db: DB) -> None:
+    with db.read() as r:
+        for call in (
+            lambda: r.find(None, "x"), lambda: r.first("by_user", "x"),  # type: ignore[arg-type]
+            lambda: r.count(Node, "x"), lambda: list(r.range(1, "a", "b")),  # type: ignore[arg-type]
+            lambda: r.prefix(None, "a"),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(ModelError, match="expected an index"):
+                call()

@@ -148,7 +148,10 @@ class Transaction:
     def find(self, index: Index[M], value: Any) -> list[M]:
         """Every object whose ``index`` key equals ``value``, ordered by (index key, primary
         key). O(log n + m)."""
-        lo, hi = index.eq_bounds(value)
+        try:
+            lo, hi = index.eq_bounds(value)
+        except AttributeError as exc:
+            raise _not_an_index(index, exc) from None
         if not self.writable:
             return self._objects(index, lo, hi, False, None)
         items = self._query(index, lo, hi, False, None)
@@ -157,7 +160,10 @@ class Transaction:
 
     def first(self, index: Index[M], value: Any) -> M | None:
         """The first object whose ``index`` key equals ``value``, or ``None``. O(log n)."""
-        lo, hi = index.eq_bounds(value)
+        try:
+            lo, hi = index.eq_bounds(value)
+        except AttributeError as exc:
+            raise _not_an_index(index, exc) from None
         items = self._query(index, lo, hi, False, 1)
         if self.writable:
             self._read_members(items)
@@ -178,17 +184,26 @@ class Transaction:
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
         ):
             raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
-        blo, bhi = index.range_bounds(lo, hi)
+        try:
+            blo, bhi = index.range_bounds(lo, hi)
+        except AttributeError as exc:
+            raise _not_an_index(index, exc) from None
         return iter(self._objects(index, blo, bhi, reverse, limit))
 
     def prefix(self, index: Index[M], prefix: str) -> list[M]:
         """Objects whose string ``index`` key starts with ``prefix``, in order."""
-        lo, hi = index.prefix_bounds(prefix)
+        try:
+            lo, hi = index.prefix_bounds(prefix)
+        except AttributeError as exc:
+            raise _not_an_index(index, exc) from None
         return self._objects(index, lo, hi, False, None)
 
     def count(self, index: Index[M], value: Any) -> int:
         """Number of items whose ``index`` key equals ``value``. O(log n)."""
-        lo, hi = index.eq_bounds(value)
+        try:
+            lo, hi = index.eq_bounds(value)
+        except AttributeError as exc:
+            raise _not_an_index(index, exc) from None
         rev = self._record(index, lo, hi)
         n = self._store.count(index, lo, hi, rev)
         ov = self._overlay_of(index)
@@ -374,3 +389,12 @@ def _plain(encoded: Any) -> Any:
     if isinstance(encoded, tuple):
         return tuple(_plain(x) for x in encoded)
     return encoded
+
+
+
+def _not_an_index(index: Any, exc: AttributeError) -> Exception:
+    """What to raise for an ``AttributeError`` from ``index.<bounds>(...)``: ``ModelError``
+    when ``index`` is not an Index (a field name, a typo, None), else the error itself."""
+    if isinstance(index, Index):
+        return exc
+    return ModelError(f"expected an index (Model.index), got {index!r}")
