@@ -18,7 +18,7 @@ from txindex.backend import (
     prefix_end,
 )
 from txindex.errors import Closed, DirectoryInUse, Unavailable, WatchBroken
-from txindex.server import EtcdCluster, EtcdServer, free_port, port_is_free
+from txindex.server import EtcdCluster, EtcdServer, _running, free_port, port_is_free
 
 
 def test_failover_to_live_endpoint_without_lockout(tmp_path: Path) -> None:
@@ -121,25 +121,17 @@ def test_file_url_reopens_after_its_process_was_killed(tmp_path: Path) -> None:
         saved = json.loads((directory / "txindex-ports.json").read_text())
         child.kill()
         child.wait()
-        assert _alive(saved["pid"]), "the child's etcd should outlive it"
+        assert _running(saved["pid"]), "the child's etcd should outlive it"
         again = open_backend(f"file://{directory}", start_timeout=20)
         try:
             (kv,) = again.range(b"crash/k", b"").kvs
             assert kv.value == b"v"
-            assert not _alive(saved["pid"])
+            assert not _running(saved["pid"])
         finally:
             again.close()
     finally:
         child.kill()
         child.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def test_large_watch_batch_beyond_4mib(etcd_backend: EtcdBackend, prefix: str) -> None:
