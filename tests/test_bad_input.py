@@ -409,3 +409,31 @@ def test_a_query_on_something_that_is_not_an_index(db: DB) -> None:
         ):
             with pytest.raises(ModelError, match="expected an index"):
                 call()
+
+
+def test_values_python_cannot_print_and_ambiguous_where_results(db: DB) -> None:
+    """An int past Python's 4,300-digit str limit (as a key or a value) and a ``where=``
+    result whose truth test raises (a numpy array, say) are ModelErrors at put."""
+
+    class Ambiguous:
+        def __bool__(self) -> bool:
+            raise ValueError("the truth value is ambiguous")
+
+    @txindex.model("ambiguous/", key="id")
+    @dataclass(frozen=True)
+    class Amb:
+        id: str
+        by_id = txindex.Index("id", where=lambda a: Ambiguous())
+
+    with db.tx() as tx:
+        with pytest.raises(ModelError, match="key"):
+            tx.put(Counter(10**5000, 1))
+        with pytest.raises(ModelError, match="cannot encode"):
+            tx.put(Counter(1, 10**5000))
+        tx.rollback()
+    other = txindex.open("memory://", models=[Amb])
+    try:
+        with other.tx() as tx, pytest.raises(ModelError, match="where= raised"):
+            tx.put(Amb("a"))
+    finally:
+        other.close()

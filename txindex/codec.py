@@ -671,6 +671,8 @@ class Codec(Generic[T]):
             return _JSON_ENCODE(doc).encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates: escape them, json reads them back
             return _JSON_ENCODE_ASCII(doc).encode("ascii")
+        except ValueError as exc:  # an int past Python's digit limit for str (4,300)
+            raise ModelError(f"cannot encode {self.cls.__qualname__}: {exc}") from None
 
     def decode(self, data: bytes, key: str) -> T:
         """The object stored under etcd key ``key``; :class:`DecodeError` if it does not fit."""

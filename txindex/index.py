@@ -254,7 +254,7 @@ class Index(Generic[M]):
         """:meth:`entries` the slow way, with a clear error for any value that does not fit."""
         if self.where is not None:
             try:
-                keep = self.where(obj)
+                keep = bool(self.where(obj))  # (a result whose truth test raises, too)
             except Exception as exc:
                 raise ModelError(f"{self.qualname}: where= raised {exc!r}") from exc
             if not keep:

@@ -106,7 +106,10 @@ class ModelInfo:
                         f"{self.name} key {pk!r} is not valid Unicode text: {exc.reason}"
                     ) from None
             return text
-        return str(pk)
+        try:
+            return str(pk)
+        except ValueError as exc:  # past Python's digit limit for int -> str (4,300)
+            raise ModelError(f"{self.name} key: {exc}") from None
 
     def pk_from_suffix(self, s: str) -> str | int:
         """Inverse of :meth:`key_suffix`; raises ``ValueError`` (with a reason fit for a
