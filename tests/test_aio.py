@@ -197,3 +197,32 @@ def test_a_cache_behind_the_last_commit_does_not_block_the_loop(
     assert gap < timeout / 2, f"event loop blocked for {gap * 1000:.0f} ms"
     with db.read() as tx:  # the watch applied both once released
         assert tx.get(User, "mine") == User("mine")
+
+
+def test_async_commits_run_in_the_dbs_commit_pool(make_db: Callable[..., DB]) -> None:
+    """Commits of tasks wait in the DB's own pool of threads (where they share Txns), not in
+    the loop's small default executor; the pool ends with the DB."""
+    db = make_db()
+    threads: set[str] = set()
+    send = db._group.send
+
+    def recording(req: Any) -> Any:
+        threads.add(threading.current_thread().name)
+        return send(req)
+
+    db._group.send = recording  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async def bump(n: int) -> None:
+            async with db.atx() as tx:
+                tx.put(Counter(n, n))
+
+        await asyncio.gather(*(bump(n) for n in range(20)))
+
+    run(main())
+    assert threads and all(t.startswith("txindex-commit") for t in threads), threads
+    with db.read() as tx:
+        assert [tx.get(Counter, n) for n in range(20)] == [Counter(n, n) for n in range(20)]
+    pool = db._async_pool
+    db.close()
+    assert pool is not None and pool._shutdown

@@ -9,6 +9,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _seeded
@@ -83,6 +84,7 @@ class DB:
             backend, self._watcher, [Put(sync_key(prefix), b"")], max_txn_ops, max_request_bytes
         )
         self._turns = Turns(self._group)  # fair retries of transact (txindex.turns)
+        self._async_pool: ThreadPoolExecutor | None = None  # asyncio commits (_commit_pool)
         self._last_commit = 0  # this handle's newest commit revision
         self._visible_cell = _visibility(visibility_key, prefix)
         self._visibility_key = visibility_key
@@ -223,6 +225,8 @@ class DB:
             return
         self._closed = True
         self._store.close()  # threads waiting for a revision raise Closed
+        if self._async_pool is not None:
+            self._async_pool.shutdown(wait=False)
         self._watcher.stop()
         if self._notifier is not None:  # hook: txindex.notify (iterators end)
             self._notifier.close()
@@ -236,6 +240,19 @@ class DB:
         self.close()
 
     # ---- used by transactions ------------------------------------------------------------
+
+    def _commit_pool(self) -> ThreadPoolExecutor:
+        """The pool asyncio commits run in, started on first use. O(1)."""
+        self._check_open()
+        pool = self._async_pool
+        if pool is None:
+            with self._visible_lock:
+                if self._async_pool is None:
+                    self._async_pool = ThreadPoolExecutor(
+                        ASYNC_COMMIT_THREADS, thread_name_prefix="txindex-commit"
+                    )
+                pool = self._async_pool
+        return pool
 
     def _check_open(self) -> None:
         if self._closed:
@@ -299,6 +316,10 @@ def _check_options(
     ):
         raise ValueError(f"timeout must be a positive number or None, got {timeout!r}")
 
+
+ASYNC_COMMIT_THREADS = 32
+"""Threads of a DB's pool for asyncio commits (:mod:`txindex.aio`): commits waiting there
+share Txns (group commit), so more threads than cores pay off; each waits mostly on etcd."""
 
 _OPEN: weakref.WeakSet[DB] = weakref.WeakSet()
 
