@@ -305,3 +305,36 @@ def test_key_field_rules_apply() -> None:
         @txindex.model("x/", key="nope")
         class M(msgspec.Struct, frozen=True):
             id: str
+
+
+def test_an_object_built_without_validation_is_refused_at_put() -> None:
+    """pydantic's ``model_construct`` skips validation: an object that breaks a constraint
+    would be stored and then fail every reader's decode; it is refused when put, as msgspec's
+    are."""
+
+    @txindex.model("accounts/", key="id")
+    class Account(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(frozen=True)
+        id: str
+        balance: int = pydantic.Field(ge=0)
+
+    db = txindex.open("memory://", models=[Account])
+    try:
+        with db.tx() as tx:
+            with pytest.raises(ModelError, match="would not decode: balance"):
+                tx.put(Account.model_construct(id="a1", balance=-5))
+            tx.put(Account(id="a2", balance=5))
+        with db.read() as r:
+            assert r.get(Account, "a1") is None and r.get(Account, "a2") == Account(
+                id="a2", balance=5
+            )
+    finally:
+        db.close()
+
+
+def test_array_like_msgspec_structs_are_refused() -> None:
+    class AL(msgspec.Struct, frozen=True, array_like=True):
+        id: str
+
+    with pytest.raises(ModelError, match="array_like"):
+        txindex.model("al/", key="id")(AL)

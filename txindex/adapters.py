@@ -140,6 +140,9 @@ class MsgspecAdapter(Adapter):
         import msgspec
 
         hints = _hints(cls)
+        if cls.__struct_config__.array_like:  # type: ignore[attr-defined]
+            raise ModelError(f"{cls.__qualname__}: array_like Structs are not supported "
+                             "(txindex stores a JSON object of field names)")
         out = []
         for f in msgspec.structs.fields(cls):
             if f.encode_name != f.name:
@@ -163,6 +166,8 @@ class MsgspecAdapter(Adapter):
                 return decoder.decode(data)
             except errors as exc:
                 raise DecodeError(key, f"{name}: {exc}") from None
+            except Exception as exc:  # a __post_init__ that raised something else
+                raise DecodeError(key, f"{name}: {type(exc).__name__}: {exc}") from None
 
         return decode
 
@@ -274,8 +279,28 @@ class PydanticAdapter(Adapter):
                 return validate(data)
             except pydantic.ValidationError as exc:
                 raise DecodeError(key, f"{name}: {_pydantic_reason(exc)}") from None
+            except Exception as exc:  # a validator that raised something else
+                raise DecodeError(key, f"{name}: {type(exc).__name__}: {exc}") from None
 
         return decode
+
+    def check_encoded(self, cls: type) -> Callable[[bytes], None]:
+        """Validate the encoded bytes as a reader will: an object built without validation
+        (``model_construct``) that breaks a constraint is refused at put, not stored for
+        every reader to fail on."""
+        import pydantic
+
+        validate = cls.model_validate_json  # type: ignore[attr-defined]
+
+        def check(data: bytes) -> None:
+            try:
+                validate(data)
+            except pydantic.ValidationError as exc:
+                raise ValueError(_pydantic_reason(exc)) from None
+            except Exception as exc:  # a validator that raised something else
+                raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+        return check
 
     def nested_decoder(self, cls: type) -> Dec:
         import pydantic
