@@ -184,6 +184,10 @@ def test_open_backend_urls() -> None:
     ]:
         with pytest.raises(ValueError):
             open_backend(bad)
+    for secret in ["etcd://root:Pw-SECRET@127.0.0.1:2379", "etcds://u:Pw,SECRET@h1:1,h2:2"]:
+        with pytest.raises(ValueError, match="user=") as info:
+            open_backend(secret)
+        assert "SECRET" not in str(info.value)
 
 
 def test_server_restart_pause_and_cluster_failover(tmp_path: Path) -> None:

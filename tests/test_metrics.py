@@ -209,5 +209,7 @@ def test_open_and_close_are_logged_without_credentials(
         db.close()
     assert "txindex: opened" in caplog.text and "loaded 0 keys" in caplog.text
     assert "txindex: closed" in caplog.text
-    assert safe_url("etcd://root:pw@h1:2379,u:p@h2:2379") == "etcd://h1:2379,h2:2379"
+    assert safe_url("etcd://root:pw@h1:2379,u:p@h2:2379") == "etcd://h2:2379"
+    assert safe_url("etcd://root:Pw,SECRET@h1:2379") == "etcd://h1:2379"  # a comma in it
+    assert safe_url("etcd://root:a@b@h1:2379") == "etcd://h1:2379"
     assert safe_url("file:///data") == "file:///data"

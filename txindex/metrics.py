@@ -271,9 +271,10 @@ def log_commit_unknown(tx: Transaction, exc: BaseException) -> None:
 
 
 def safe_url(url: str) -> str:
-    """``url`` without user info (``etcd://user:secret@h:p`` -> ``etcd://h:p``) for logs."""
+    """``url`` without user info (``etcd://user:secret@h:p`` -> ``etcd://h:p``) for logs:
+    everything up to the last ``@`` goes (a password may hold commas and ``@``, so hosts
+    before it go too; ``open`` refuses user info in a URL anyway)."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url.rsplit("@", 1)[-1]
-    hosts = ",".join(h.rsplit("@", 1)[-1] for h in rest.split(","))
-    return f"{scheme}://{hosts}"
+    return f"{scheme}://{rest.rsplit('@', 1)[-1]}"

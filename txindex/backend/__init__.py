@@ -105,6 +105,11 @@ def open_backend(url: str, **options: Any) -> Backend:
             f"bad backend URL {url!r}: expected etcd://, etcds://, memory:// or file://"
         )
     if scheme in ("etcd", "etcds"):
+        if "@" in rest:  # (the message never quotes the URL: it holds a password)
+            raise ValueError(
+                f"bad {scheme} URL: user info (user:password@) is not taken from a URL; "
+                "pass user= and password= to open()"
+            )
         endpoints = [e.strip() for e in rest.split(",")]
         if not rest or any(not e for e in endpoints):
             raise ValueError(
