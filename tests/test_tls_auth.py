@@ -213,6 +213,15 @@ def test_tls_option_errors(certs: Certs) -> None:
         EtcdBackend(["127.0.0.1:1"], ca_cert=str(certs.ca) + ".missing")
     with pytest.raises(ValueError, match="both user and password"):
         EtcdBackend(["127.0.0.1:1"], user="root")
+    # files that gRPC would only fail each handshake on (retried, no file named): at once
+    with pytest.raises(ValueError, match="is not a PEM CA certificate"):
+        EtcdBackend(["127.0.0.1:1"], ca_cert=str(certs.client_key))
+    with pytest.raises(ValueError, match="are not a PEM certificate and its private key"):
+        EtcdBackend(["127.0.0.1:1"], cert_cert=str(certs.client), cert_key=str(certs.ca))
+    with pytest.raises(ValueError, match="are not a PEM certificate and its private key"):
+        EtcdBackend(  # a key that is not the certificate's
+            ["127.0.0.1:1"], cert_cert=str(certs.client), cert_key=str(certs.other_client_key)
+        )
 
 
 # ---- auth -----------------------------------------------------------------------------------

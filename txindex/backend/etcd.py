@@ -129,6 +129,28 @@ def _read_pem(path: str | None, what: str) -> bytes | None:
         raise ValueError(f"cannot read {what} {path!r}: {e.strerror}") from None
 
 
+def _check_pems(ca_cert: str | None, cert_cert: str | None, cert_key: str | None) -> None:
+    """``ValueError`` naming the file for a CA that is not PEM, or a client certificate and
+    key that do not parse or do not match: gRPC would only fail each handshake, retried as a
+    transient fault, with no file named."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_cert is not None:
+        try:
+            context.load_verify_locations(cafile=ca_cert)
+        except (ssl.SSLError, OSError) as e:
+            raise ValueError(f"ca_cert {ca_cert!r} is not a PEM CA certificate: {e}") from None
+    if cert_cert is not None and cert_key is not None:
+        try:
+            context.load_cert_chain(cert_cert, cert_key)
+        except (ssl.SSLError, OSError) as e:
+            raise ValueError(
+                f"cert_cert {cert_cert!r} and cert_key {cert_key!r} are not a PEM certificate "
+                f"and its private key: {e}"
+            ) from None
+
+
 def tls_credentials(
     ca_cert: str | None = None, cert_cert: str | None = None, cert_key: str | None = None
 ) -> grpc.ChannelCredentials:
@@ -136,10 +158,12 @@ def tls_credentials(
     system's roots), ``cert_cert`` + ``cert_key`` a client certificate (both or neither)."""
     if (cert_cert is None) != (cert_key is None):
         raise ValueError("cert_cert and cert_key go together (a client certificate and its key)")
+    root = _read_pem(ca_cert, "ca_cert")
+    key = _read_pem(cert_key, "cert_key")
+    chain = _read_pem(cert_cert, "cert_cert")
+    _check_pems(ca_cert, cert_cert, cert_key)
     return grpc.ssl_channel_credentials(
-        root_certificates=_read_pem(ca_cert, "ca_cert"),
-        private_key=_read_pem(cert_key, "cert_key"),
-        certificate_chain=_read_pem(cert_cert, "cert_cert"),
+        root_certificates=root, private_key=key, certificate_chain=chain
     )
 
 
