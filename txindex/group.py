@@ -71,7 +71,7 @@ class Request:
     ) -> None:
         self.points, self.guards = points, guards
         self.validated = validated
-        self.compares = points + [Compare(f, "mod", "<", validated + 1) for f in guards]
+        self.compares = self._compares()
         self.ops, self.size, self.updates = ops, size, updates
         # validates against the store as it is now: raises Conflict if it shows a change the
         # transaction read, else returns the revision validated up to
@@ -90,9 +90,10 @@ class Request:
         of its fences, at a revision the store has applied, is not failed by it). O(g)."""
         if validated != self.validated:
             self.validated = validated
-            self.compares = self.points + [
-                Compare(f, "mod", "<", validated + 1) for f in self.guards
-            ]
+            self.compares = self._compares()
+
+    def _compares(self) -> list[Compare]:
+        return self.points + [Compare(f, "mod", "<", self.validated + 1) for f in self.guards]
 
     def compared(self) -> set[bytes]:
         return {c.key for c in self.compares}
