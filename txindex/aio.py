@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .errors import Conflict, Unavailable
 from .transaction import Transaction
-from .turns import TURN_SECONDS
+from .turns import TURN_SECONDS, check_attempts
 
 if TYPE_CHECKING:
     from .db import DB
@@ -93,10 +93,7 @@ def _wait_visible(db: DB) -> None:
     db._watcher.nudge()
     visible = db._visible
     if not db._store.wait_for(visible, db.timeout):
-        raise Unavailable(
-            f"cache has not caught up with this process's last commit (revision {visible}) "
-            f"within {db.timeout}s"
-        )
+        raise db._behind(visible)
 
 
 async def atransact(
@@ -106,8 +103,7 @@ async def atransact(
     whole ``fn`` on ``Conflict`` (and ``Unavailable``) with jittered exponential backoff
     (``asyncio.sleep``), at most ``attempts`` times. ``CommitUnknown`` propagates. A retry
     takes the DB's retry turn when it is free (:mod:`txindex.turns`)."""
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-        raise ValueError(f"attempts must be an int >= 1, got {attempts!r}")
+    check_attempts(attempts)
     delay = 0.002
     turns = db._turns
     for attempt in range(attempts):

@@ -23,7 +23,7 @@ from .metrics import Metrics, Observer, safe_url
 from .model import ModelInfo, check_prefixes, info_of
 from .store import Store
 from .transaction import Transaction
-from .turns import Turns
+from .turns import Turns, check_attempts
 from .watcher import Watcher
 
 if TYPE_CHECKING:  # hooks: txindex.aio / txindex.notify are imported on first use
@@ -111,8 +111,7 @@ class DB:
         backoff, at most ``attempts`` times. A retry goes next among this DB's ``transact``
         calls (:mod:`txindex.turns`), so a hot key does not starve a thread.
         ``CommitUnknown`` is never retried blindly; it propagates."""
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise ValueError(f"attempts must be an int >= 1, got {attempts!r}")
+        check_attempts(attempts)
         delay = 0.002
         turns = self._turns
         for attempt in range(attempts):
@@ -270,10 +269,14 @@ class DB:
         except TimeoutError:
             self._watcher.nudge()
             log.warning("txindex: cache behind revision %d after %.1fs", visible, self.timeout)
-            raise Unavailable(
-                f"cache has not caught up with this process's last commit "
-                f"(revision {self._visible}) within {self.timeout}s"
-            ) from None
+            raise self._behind(visible) from None
+
+    def _behind(self, visible: int) -> Unavailable:
+        """The error of a wait for this process's last commit ``visible`` that timed out."""
+        return Unavailable(
+            f"cache has not caught up with this process's last commit (revision {visible}) "
+            f"within {self.timeout}s"
+        )
 
     @property
     def _visible(self) -> int:

@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 TURN_SECONDS = 0.1  # the longest any transaction waits for a turn, or a retry for a Txn
 
 
+def check_attempts(attempts: object) -> None:
+    """``ValueError`` unless ``attempts`` (of ``transact``/``atransact``) is an int >= 1."""
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ValueError(f"attempts must be an int >= 1, got {attempts!r}")
+
+
 class Turns:
     """The retry turn of one DB."""
 
