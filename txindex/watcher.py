@@ -391,15 +391,18 @@ class Watcher:
             self._observer.applied(self._store.revision)
         return True
 
-    def _store_apply(
-        self,
-        batches: Sequence[tuple[int, list[tuple[str, Entry | None]]]],
-        reindex: bool = True,
-    ) -> None:
+    def _store_apply(self, batches: Sequence[tuple[int, list[tuple[str, Entry | None]]]]) -> None:
         with self.hook_lock:
-            self._apply_locked(batches, reindex, None)
-            if self._pending:
-                self._drain_locked()
+            self._apply_and_drain_locked(batches, True)
+
+    def _apply_and_drain_locked(
+        self, batches: Sequence[tuple[int, list[tuple[str, Entry | None]]]], reindex: bool
+    ) -> None:
+        """Apply revisions the watch brought, then the kept commits that now follow them.
+        Caller holds ``hook_lock``."""
+        self._apply_locked(batches, reindex, None)
+        if self._pending:
+            self._drain_locked()
 
     def _apply_locked(
         self,
@@ -483,9 +486,7 @@ class Watcher:
                 if k not in current or current[k].mod_revision != e.mod_revision
             ]
             updates.extend((k, None) for k in current if k not in fresh)
-            self._apply_locked([(revision, updates)], reindex, None)  # hook: txindex.notify
-            if self._pending:
-                self._drain_locked()
+            self._apply_and_drain_locked([(revision, updates)], reindex)  # hook: txindex.notify
         self._store.advance(revision)
         self.stats.resyncs += 1
         log.warning("txindex: resynced at revision %d (%d keys changed)", revision, len(updates))
