@@ -116,8 +116,7 @@ def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                      for t in tasks.iterdir()]
+            states = [_state(t / "stat") for t in tasks.iterdir()]
         except (OSError, IndexError):
             return
         if all(st in ("T", "t") for st in states):
@@ -531,7 +530,7 @@ def _stop_orphan(pid: object, directory: Path) -> None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return
-    if not any(Path(a.decode(errors="replace")).name == "etcd" for a in cmdline[:1]) or (
+    if Path(cmdline[0].decode(errors="replace")).name != "etcd" or (
         str(directory).encode() not in b" ".join(cmdline)
     ):
         return  # not an etcd of this directory (the pid was reused)
@@ -546,7 +545,12 @@ def _stop_orphan(pid: object, directory: Path) -> None:
 def _running(pid: int) -> bool:
     """``pid`` exists and is not a zombie (an exited child its parent has not reaped)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return _state(Path(f"/proc/{pid}/stat")) != "Z"
+    except (OSError, IndexError):
         return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _state(stat: Path) -> str:
+    """The state letter of a ``/proc/.../stat`` file (after the command in parentheses,
+    which may hold spaces); ``OSError`` if it is gone."""
+    return stat.read_text().rsplit(")", 1)[1].split()[0]
