@@ -293,13 +293,9 @@ def _unorderable(tp: Any, multi: bool) -> Any:
         if origin in (tuple, frozenset) and args:
             return _unorderable(args[0], False)
         return None
-    if origin in (typing.Union, types.UnionType):
-        return next((b for b in (_unorderable(a, False) for a in args) if b is not None), None)
-    if origin is tuple:
-        return next(
-            (b for b in (_unorderable(a, False) for a in args if a is not Ellipsis) if b),
-            None,
-        )
+    if origin in (typing.Union, types.UnionType, tuple):  # each member, each element type
+        found = (_unorderable(a, False) for a in args if a is not Ellipsis)
+        return next((b for b in found if b is not None), None)
     if origin is frozenset:
         return tp
     if not isinstance(tp, type):
